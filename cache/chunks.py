@@ -1,0 +1,57 @@
+"""Chunk lists: the byte ranges a blob is fetched and verified in.
+
+A chunk list is accepted only if its ranges are in order, contiguous, non-overlapping and cover
+exactly [0, size) (invariant 4). `Chunk.end` is exclusive here; the wire format's inclusive end
+is converted at the protocol boundary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .digests import parse_digest
+from .errors import ModelfsError
+
+
+class BadChunkList(ModelfsError):
+    """A chunk list that does not describe the blob exactly."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Chunk:
+    start: int
+    end: int  # exclusive
+    digest: str | None  # sha256:<hex>, or None when the registry gave no chunk digests
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+
+def check_coverage(chunks: list[Chunk], size: int) -> list[Chunk]:
+    """Raise BadChunkList unless `chunks` tile [0, size) exactly, in order."""
+    expected = 0
+    for i, chunk in enumerate(chunks):
+        if chunk.start < expected:
+            raise BadChunkList(
+                f"chunk {i} ({chunk.start}-{chunk.end - 1}) overlaps or is out of order: "
+                f"expected it to start at {expected}")
+        if chunk.start > expected:
+            raise BadChunkList(f"gap before chunk {i}: bytes {expected}-{chunk.start - 1} missing")
+        if chunk.end <= chunk.start:
+            raise BadChunkList(f"chunk {i} is empty or reversed ({chunk.start}-{chunk.end - 1})")
+        if chunk.end > size:
+            raise BadChunkList(f"chunk {i} ends at {chunk.end - 1}, past the blob size {size}")
+        if chunk.digest is not None:
+            parse_digest(chunk.digest)
+        expected = chunk.end
+    if expected != size:
+        raise BadChunkList(f"chunk list covers {expected} of {size} bytes")
+    return chunks
+
+
+def fixed_chunks(size: int, chunk_size: int) -> list[Chunk]:
+    """Client-chosen ranges without digests, for registries that have no chunksums endpoint."""
+    if chunk_size <= 0:
+        raise ValueError("chunk_size must be positive")
+    return [Chunk(start, min(start + chunk_size, size), None) for start in range(0, size, chunk_size)]

@@ -1,0 +1,132 @@
+"""The chunk index: which chunks of which in-progress blob are present, in SQLite (WAL).
+
+Concurrency contract: one ChunkIndex per process, used only from the trio thread. Each call is
+a short synchronous transaction (well under a millisecond for these row counts); the loop is
+never blocked on disk flushes because WAL with synchronous=NORMAL does not fsync on commit.
+Durability order is the caller's job: a chunk is marked present only after its bytes were
+fdatasync'ed, so a lost commit only means a chunk is fetched again, never a wrong byte.
+
+A damaged index is moved aside and replaced by an empty one: the cache degrades to cold, it
+never stops a pull or a mount.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import sqlite3
+import time
+
+from .chunks import Chunk
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = "1"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS blobs (
+    digest TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS chunks (
+    digest TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    start INTEGER NOT NULL,
+    "end" INTEGER NOT NULL,
+    chunk_digest TEXT,
+    present INTEGER NOT NULL DEFAULT 0,
+    last_access REAL NOT NULL DEFAULT 0,
+    PRIMARY KEY (digest, idx)
+) WITHOUT ROWID;
+"""
+
+
+class ChunkIndex:
+    def __init__(self, path: os.PathLike | str):
+        self.path = pathlib.Path(path)
+        try:
+            self._db = self._open()
+        except sqlite3.DatabaseError as exc:
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
+            log.warning("chunk index %s is unreadable (%s); moved to %s, starting with an empty "
+                        "cache index", self.path, exc, aside.name)
+            for suffix in ("", "-wal", "-shm"):
+                try:
+                    os.replace(f"{self.path}{suffix}", f"{aside}{suffix}")
+                except FileNotFoundError:
+                    pass
+            self._db = self._open()
+
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(_SCHEMA)
+            row = db.execute("SELECT value FROM meta WHERE key='format'").fetchone()
+            if row is None:
+                db.execute("INSERT INTO meta VALUES ('format', ?)", (FORMAT_VERSION,))
+            elif row[0] != FORMAT_VERSION:
+                raise sqlite3.DatabaseError(f"index format {row[0]!r}, expected {FORMAT_VERSION}")
+            db.execute("SELECT count(*) FROM chunks").fetchone()  # touch the pages once
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def close(self) -> None:
+        self._db.close()
+
+    def load(self, digest: str) -> tuple[int, list[Chunk], list[bool]] | None:
+        row = self._db.execute("SELECT size FROM blobs WHERE digest=?", (digest,)).fetchone()
+        if row is None:
+            return None
+        rows = self._db.execute(
+            'SELECT idx, start, "end", chunk_digest, present FROM chunks WHERE digest=? '
+            "ORDER BY idx", (digest,)).fetchall()
+        if [r[0] for r in rows] != list(range(len(rows))):
+            return None
+        chunks = [Chunk(r[1], r[2], r[3]) for r in rows]
+        return row[0], chunks, [bool(r[4]) for r in rows]
+
+    def replace(self, digest: str, size: int, chunks: list[Chunk]) -> None:
+        """Record a fresh chunk list for `digest`, none of it present."""
+        with self._transaction():
+            self._db.execute("DELETE FROM chunks WHERE digest=?", (digest,))
+            self._db.execute("INSERT OR REPLACE INTO blobs VALUES (?, ?, ?)",
+                             (digest, size, time.time()))
+            self._db.executemany(
+                'INSERT INTO chunks (digest, idx, start, "end", chunk_digest) VALUES (?,?,?,?,?)',
+                [(digest, i, c.start, c.end, c.digest) for i, c in enumerate(chunks)])
+
+    def mark_present(self, digest: str, indexes: list[int]) -> None:
+        now = time.time()
+        with self._transaction():
+            self._db.executemany(
+                "UPDATE chunks SET present=1, last_access=? WHERE digest=? AND idx=?",
+                [(now, digest, i) for i in indexes])
+
+    def forget(self, digest: str) -> None:
+        with self._transaction():
+            self._db.execute("DELETE FROM chunks WHERE digest=?", (digest,))
+            self._db.execute("DELETE FROM blobs WHERE digest=?", (digest,))
+
+    def digests(self) -> list[str]:
+        return [r[0] for r in self._db.execute("SELECT digest FROM blobs")]
+
+    def _transaction(self):
+        return _Transaction(self._db)
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection):
+        self._db = db
+
+    def __enter__(self):
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type, exc, tb):
+        self._db.execute("ROLLBACK" if exc_type else "COMMIT")

@@ -1,0 +1,200 @@
+"""A blob being materialized: a sparse file outside `blobs/`, filled chunk by chunk.
+
+`PartialBlob.put_chunk` is the only door into the cache for blob bytes. It hashes the chunk and
+compares it with the chunk digest, writes it at its final offset, makes it durable, records it
+in the index, and feeds the sealer. When every chunk is in, `seal` checks the whole-file sha256
+against the manifest digest and only then moves the file into `blobs/`.
+
+Concurrency contract (trio):
+- All state (`present`, the sealer position, the index) changes on the trio thread only.
+- Threads get an fd and bytes, never this object: hashing, pwrite, pread and fdatasync run via
+  `trio.to_thread.run_sync(..., limiter=self._limiter)`.
+- Several tasks may call `put_chunk` for different chunks at once; the caller guarantees that
+  one chunk has at most one writer at a time (single-flight lives in the fetcher).
+- The sealer hashes chunks strictly in file order under `_seal_lock`. A chunk that arrives in
+  order is hashed from memory; one that arrived early is read back when its turn comes (usually
+  from the page cache). After a restart the sealer starts again from offset 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pathlib
+
+import trio
+
+from .chunks import Chunk, check_coverage
+from .digests import digest_hex
+from .errors import ChunkDigestMismatch, SealMismatch
+from .index import ChunkIndex
+from .store import fsync_dir
+
+log = logging.getLogger(__name__)
+
+
+def _sha256(data) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _pread_exact(fd: int, length: int, offset: int) -> bytes:
+    parts, want = [], length
+    while want:
+        piece = os.pread(fd, want, offset)
+        if not piece:
+            raise EOFError(f"unexpected end of cache file at offset {offset}")
+        parts.append(piece)
+        want -= len(piece)
+        offset += len(piece)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+class GroupSync:
+    """fdatasync shared by every writer that is waiting: one sync covers all writes before it."""
+
+    def __init__(self, fd: int, limiter: trio.CapacityLimiter):
+        self._fd, self._limiter = fd, limiter
+        self._written = self._synced = 0
+        self._running: trio.Event | None = None
+
+    def wrote(self) -> int:
+        self._written += 1
+        return self._written
+
+    async def wait_durable(self, generation: int) -> None:
+        while self._synced < generation:
+            if self._running is not None:
+                await self._running.wait()
+                continue
+            target, self._running = self._written, trio.Event()
+            try:
+                await trio.to_thread.run_sync(os.fdatasync, self._fd, limiter=self._limiter)
+                self._synced = max(self._synced, target)
+            finally:
+                self._running.set()
+                self._running = None
+
+
+class PartialBlob:
+    def __init__(self, *, digest: str, size: int, chunks: list[Chunk], present: list[bool],
+                 path: pathlib.Path, final_path: pathlib.Path, index: ChunkIndex,
+                 limiter: trio.CapacityLimiter, durable: bool = True):
+        self.digest, self.size = digest, size
+        self.chunks = check_coverage(chunks, size)
+        self.present = present
+        self.path, self.final_path = path, final_path
+        self._index = index
+        self._limiter = limiter
+        self._durable = durable
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        if os.fstat(self._fd).st_size != size:
+            os.ftruncate(self._fd, size)
+        self._sync = GroupSync(self._fd, limiter)
+        self._hasher = hashlib.sha256()
+        self._hashed_upto = 0  # chunks [0, _hashed_upto) are in the sealer's hash
+        self._seal_lock = trio.Lock()
+        self.sealed = False
+
+    @property
+    def has_chunk_digests(self) -> bool:
+        return all(c.digest is not None for c in self.chunks)
+
+    def missing(self) -> list[int]:
+        return [i for i, here in enumerate(self.present) if not here]
+
+    def cached_bytes(self) -> int:
+        return sum(c.length for c, here in zip(self.chunks, self.present) if here)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    async def put_chunk(self, i: int, data) -> None:
+        """Verify, write, make durable and record chunk `i`. Raises ChunkDigestMismatch."""
+        chunk = self.chunks[i]
+        if len(data) != chunk.length:
+            raise ChunkDigestMismatch(
+                f"chunk {i} of {self.digest[:19]}: got {len(data)} bytes, expected {chunk.length}")
+        if self.present[i]:
+            return
+        if chunk.digest is not None:
+            actual = await trio.to_thread.run_sync(_sha256, data, limiter=self._limiter)
+            if actual != chunk.digest:
+                raise ChunkDigestMismatch(
+                    f"chunk {i} ({chunk.start}-{chunk.end - 1}) of {self.digest[:19]}...: "
+                    f"sha256 {actual[7:19]}... does not match its digest {chunk.digest[7:19]}...")
+        await trio.to_thread.run_sync(_pwrite_all, self._fd, data, chunk.start,
+                                      limiter=self._limiter)
+        if self._durable:
+            await self._sync.wait_durable(self._sync.wrote())
+        self.present[i] = True
+        self._index.mark_present(self.digest, [i])
+        await self._advance_sealer(i, data)
+
+    async def _advance_sealer(self, arrived: int, data) -> None:
+        async with self._seal_lock:
+            n = len(self.chunks)
+            while self._hashed_upto < n and self.present[self._hashed_upto]:
+                j = self._hashed_upto
+                chunk = self.chunks[j]
+                if j == arrived:
+                    buf = data  # in order: hash from memory, no read back
+                else:
+                    buf = await trio.to_thread.run_sync(
+                        _pread_exact, self._fd, chunk.length, chunk.start, limiter=self._limiter)
+                await trio.to_thread.run_sync(self._hasher.update, buf, limiter=self._limiter)
+                self._hashed_upto = j + 1
+
+    @property
+    def complete(self) -> bool:
+        return all(self.present)
+
+    async def seal(self) -> pathlib.Path:
+        """Check the whole blob against its digest and move it into `blobs/`.
+
+        On a mismatch the partial file and its index rows are discarded (the chunk list is not
+        trusted any more) and SealMismatch is raised.
+        """
+        if not self.complete:
+            raise RuntimeError("seal() called with chunks missing")
+        await self._advance_sealer(-1, None)
+        actual = "sha256:" + self._hasher.hexdigest()
+        if actual != self.digest:
+            log.error("SEAL MISMATCH for blob %s: every chunk verified, but the blob hashes to %s. "
+                      "The chunk list was wrong; discarding the partial blob.",
+                      self.digest, actual)
+            self.discard()
+            raise SealMismatch(f"blob {self.digest} failed its seal: whole-file sha256 is "
+                               f"{actual}; the cached copy was discarded")
+        if self._durable:
+            await trio.to_thread.run_sync(os.fsync, self._fd, limiter=self._limiter)
+        os.chmod(self.path, 0o644)
+        os.replace(self.path, self.final_path)
+        if self._durable:
+            await trio.to_thread.run_sync(fsync_dir, self.final_path.parent, limiter=self._limiter)
+        self.close()
+        self._index.forget(self.digest)
+        self.sealed = True
+        log.info("sealed %s (%d bytes)", self.digest, self.size)
+        return self.final_path
+
+    def discard(self) -> None:
+        self.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        self._index.forget(self.digest)
+
+
+def partial_name(digest: str) -> str:
+    return "sha256-" + digest_hex(digest) + ".partial"

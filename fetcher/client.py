@@ -1,0 +1,305 @@
+"""The registry client: manifests, chunk plans and verified-size range GETs over one
+`httpx.AsyncClient` with timeouts on every request, a bounded connection pool, bearer-token and
+basic auth, and retries for temporary failures.
+
+Concurrency contract: one RegistryClient per process, shared by all tasks. Concurrency is bounded
+by `httpx.Limits(max_connections)`; callers add their own limiter for how many chunks they want in
+flight. Responses are streamed only inside `async with client.stream()`, so a cancelled fetch
+returns its connection to the pool (style.md §3.11).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import logging
+import os
+import platform
+import re
+import urllib.parse
+
+import httpx
+
+from modelfs.cache.chunks import Chunk, fixed_chunks
+
+from . import __version__
+from .chunksums import parse_chunksums
+from .errors import (NotFound, ProtocolViolation, RegistryError, RegistryUnreachable, ShortBody,
+                     TemporaryError, Unauthorized, error_for_status)
+from .manifest import (MANIFEST_MEDIA_TYPE, MAX_MANIFEST_BYTES, OCI_MANIFEST_MEDIA_TYPE, Layer,
+                       Manifest, parse_manifest)
+from .names import ModelName
+from .retry import RetryPolicy, retrying
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_SIZE = 8 << 20
+# The public registry refuses clients whose User-Agent does not look like a current Ollama
+# (protocol.md §2.1: 412 "requires a newer version"). We send that form with the version we are
+# compatible with, and name ourselves in a trailing product token.
+OLLAMA_COMPAT_VERSION = os.environ.get("MODELFS_OLLAMA_VERSION", "0.13.0")
+_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
+
+
+def user_agent() -> str:
+    arch = _ARCH.get(platform.machine(), platform.machine() or "unknown")
+    return f"ollama/{OLLAMA_COMPAT_VERSION} ({arch} linux) modelfs/{__version__}"
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientConfig:
+    connect_timeout: float = 10.0
+    read_timeout: float = 30.0  # also the stall timeout: no byte for this long is a failure
+    pool_timeout: float = 60.0
+    max_connections: int = 16
+    retry: RetryPolicy = RetryPolicy()
+    username: str | None = None
+    password: str | None = None
+
+    @classmethod
+    def from_env(cls, **overrides) -> "ClientConfig":
+        user, password = os.environ.get("MODELFS_REGISTRY_USER"), os.environ.get(
+            "MODELFS_REGISTRY_PASSWORD")
+        return cls(username=user, password=password, **overrides)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkPlan:
+    url: str
+    chunks: list[Chunk]
+    chunk_digests: bool  # False: client-chosen ranges, servable only after the seal
+
+
+def _error_message(response: httpx.Response, body: bytes) -> str:
+    """Docker-style `{"errors":[{"code","message"}]}` or `{"error": ...}` bodies, else raw text."""
+    text = body[:300].decode("utf-8", "replace").strip()
+    try:
+        import json
+        doc = json.loads(body)
+        if isinstance(doc, dict):
+            errs = doc.get("errors")
+            if isinstance(errs, list) and errs and isinstance(errs[0], dict):
+                text = f"{errs[0].get('code', '')}: {errs[0].get('message', '')}".strip(": ")
+            elif isinstance(doc.get("error"), str):
+                text = doc["error"]
+    except ValueError:
+        pass
+    return f"{response.request.method} {response.request.url}: HTTP {response.status_code}" + (
+        f" ({text})" if text else "")
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after", "")
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
+
+
+@contextlib.contextmanager
+def map_transport_errors(url):
+    """Translate httpx transport exceptions into fetcher errors, chained (the only place)."""
+    try:
+        yield
+    except httpx.ConnectError as exc:
+        raise RegistryUnreachable(f"cannot reach {_origin(url)}: {exc or 'connection failed'}") from exc
+    except httpx.TimeoutException as exc:
+        raise RegistryUnreachable(f"{url}: timed out ({type(exc).__name__})") from exc
+    except (httpx.UnsupportedProtocol, httpx.InvalidURL, httpx.LocalProtocolError) as exc:
+        raise RegistryError(f"{url}: {exc}") from exc
+    except (httpx.TransportError, httpx.StreamError) as exc:
+        # resets, a body cut short by the peer, malformed framing: the next try may succeed
+        raise TemporaryError(f"{url}: {type(exc).__name__}: {exc}") from exc
+
+
+def _origin(url) -> str:
+    u = httpx.URL(str(url))
+    return f"{u.scheme}://{u.netloc.decode()}"
+
+
+_CHALLENGE_RE = re.compile(r'(\w+)="([^"]*)"')
+
+
+class RegistryClient:
+    def __init__(self, config: ClientConfig = ClientConfig(), *,
+                 transport: httpx.AsyncBaseTransport | None = None):
+        self.config = config
+        self._tokens: dict[str, str] = {}  # origin -> bearer token
+        self._http = httpx.AsyncClient(
+            timeout=httpx.Timeout(connect=config.connect_timeout, read=config.read_timeout,
+                                  write=config.read_timeout, pool=config.pool_timeout),
+            limits=httpx.Limits(max_connections=config.max_connections,
+                                max_keepalive_connections=config.max_connections),
+            headers={"User-Agent": user_agent()},
+            follow_redirects=True,
+            transport=transport,
+        )
+
+    async def __aenter__(self) -> "RegistryClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def _auth_headers(self, url: str) -> dict[str, str]:
+        token = self._tokens.get(_origin(url))
+        if token:
+            return {"Authorization": token}
+        return {}
+
+    async def _authenticate(self, response: httpx.Response) -> bool:
+        """Answer a 401 challenge; True if a retry with new credentials makes sense."""
+        challenge = response.headers.get("www-authenticate", "")
+        scheme = challenge.split(" ", 1)[0].lower()
+        origin = _origin(response.request.url)
+        if scheme == "basic" and self.config.username is not None:
+            pair = f"{self.config.username}:{self.config.password or ''}".encode()
+            self._tokens[origin] = "Basic " + base64.b64encode(pair).decode()
+            return True
+        if scheme != "bearer":
+            return False
+        params = dict(_CHALLENGE_RE.findall(challenge))
+        realm = params.pop("realm", "")
+        if not realm:
+            return False
+        # A token service on another host could harvest our credentials (protocol.md §3.4).
+        if _origin(realm).split("://")[1] != _origin(response.request.url).split("://")[1]:
+            raise Unauthorized(f"token realm {realm} is not on the registry host {origin}")
+        headers = {}
+        if self.config.username is not None:
+            pair = f"{self.config.username}:{self.config.password or ''}".encode()
+            headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
+        query = {k: v for k, v in params.items() if k in ("service", "scope")}
+        with map_transport_errors(realm):
+            answer = await self._http.get(realm, params=query, headers=headers)
+        if answer.status_code != 200:
+            raise error_for_status(answer.status_code, "token request: " + _error_message(
+                answer, answer.content))
+        try:
+            doc = answer.json()
+            token = doc.get("token") or doc.get("access_token")
+        except ValueError:
+            token = None
+        if not isinstance(token, str) or not token:
+            raise Unauthorized(f"token service {realm} gave no token")
+        self._tokens[origin] = "Bearer " + token
+        return True
+
+    @contextlib.asynccontextmanager
+    async def _stream(self, method: str, url: str, headers: dict[str, str] | None = None):
+        """A streamed response with a success status; auth challenges answered once."""
+        for attempt in (1, 2):
+            req_headers = {**self._auth_headers(url), **(headers or {})}
+            with map_transport_errors(url):
+                async with self._http.stream(method, url, headers=req_headers) as response:
+                    if response.status_code == 401 and attempt == 1:
+                        if await self._authenticate(response):
+                            continue
+                    if response.status_code >= 400:
+                        body = await response.aread()
+                        raise error_for_status(response.status_code,
+                                               _error_message(response, body),
+                                               _retry_after(response))
+                    yield response
+                    return
+
+    async def _get_bytes(self, url: str, limit: int, headers: dict[str, str] | None = None):
+        async with self._stream("GET", url, headers) as response:
+            declared = int(response.headers.get("content-length", "0") or 0)
+            if declared > limit:
+                raise RegistryError(f"{url}: answer of {declared} bytes is larger than {limit}")
+            body = bytearray()
+            with map_transport_errors(url):
+                async for piece in response.aiter_bytes():
+                    body += piece
+                    if len(body) > limit:
+                        raise RegistryError(f"{url}: answer larger than {limit} bytes")
+            return response, bytes(body)
+
+    # -- protocol ---------------------------------------------------------------------------
+
+    async def fetch_manifest(self, name: ModelName) -> Manifest:
+        url = f"{name.base_url}/v2/{name.namespace}/{name.model}/manifests/{name.tag}"
+        # Plain OCI registries answer 400 by tag without this Accept header (protocol.md §10).
+        headers = {"Accept": f"{MANIFEST_MEDIA_TYPE}, {OCI_MANIFEST_MEDIA_TYPE}"}
+
+        async def once():
+            try:
+                _, body = await self._get_bytes(url, MAX_MANIFEST_BYTES, headers)
+            except NotFound:
+                raise NotFound(f"model {name.short()} not found at {name.base_url}") from None
+            return parse_manifest(body)
+
+        return await retrying(once, self.config.retry, f"manifest of {name.short()}")
+
+    def blob_url(self, name: ModelName, digest: str) -> str:
+        return f"{name.base_url}/v2/{name.namespace}/{name.model}/blobs/{digest}"
+
+    async def chunk_plan(self, name: ModelName, layer: Layer,
+                         chunk_size: int = DEFAULT_CHUNK_SIZE) -> ChunkPlan:
+        """How to fetch `layer`: the registry's chunk list, or client-chosen ranges without
+        chunk digests when the registry has no chunksums endpoint (404)."""
+        blob_url = self.blob_url(name, layer.digest)
+        if layer.size <= chunk_size:
+            # One chunk whose digest is the layer digest: no list to ask for.
+            chunks = [Chunk(0, layer.size, layer.digest)] if layer.size else []
+            return ChunkPlan(blob_url, chunks, True)
+        url = f"{name.base_url}/v2/{name.namespace}/{name.model}/chunksums/{layer.digest}"
+
+        async def once():
+            response, body = await self._get_bytes(url, 32 << 20)
+            if response.status_code != 200:
+                raise ProtocolViolation(f"{url}: unexpected status {response.status_code}")
+            location = response.headers.get("content-location") or blob_url
+            return ChunkPlan(urllib.parse.urljoin(str(response.url), location),
+                             parse_chunksums(body, layer.size), True)
+
+        try:
+            return await retrying(once, self.config.retry, f"chunksums of {layer.digest[:19]}")
+        except NotFound:
+            log.info("registry %s has no chunksums for %s; using %d-byte ranges, verified as a "
+                     "whole blob", name.base_url, layer.digest[:19], chunk_size)
+            return ChunkPlan(blob_url, fixed_chunks(layer.size, chunk_size), False)
+
+    async def fetch_range(self, url: str, start: int, end: int, blob_size: int | None = None):
+        """Exactly bytes [start, end) of the blob at `url`, or an error. One attempt."""
+        length = end - start
+        headers = {"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"}
+        async with self._stream("GET", url, headers) as response:
+            if response.status_code == 200:
+                raise ProtocolViolation(
+                    f"{url}: server ignored Range bytes={start}-{end - 1} (200 with the whole "
+                    f"body); refusing to use it")
+            if response.status_code != 206:
+                raise ProtocolViolation(f"{url}: unexpected status {response.status_code} to a "
+                                        f"Range request")
+            _check_content_range(url, response.headers.get("content-range", ""), start, end,
+                                 blob_size)
+            buf = bytearray(length)
+            view, pos = memoryview(buf), 0
+            with map_transport_errors(url):
+                async for piece in response.aiter_raw():
+                    if pos + len(piece) > length:
+                        raise ProtocolViolation(f"{url}: more than the {length} bytes asked for")
+                    view[pos:pos + len(piece)] = piece
+                    pos += len(piece)
+            if pos != length:
+                raise ShortBody(f"{url}: range {start}-{end - 1} gave {pos} of {length} bytes")
+            return buf
+
+
+def _check_content_range(url: str, value: str, start: int, end: int, size: int | None) -> None:
+    m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", value.strip())
+    if m is None:
+        raise ProtocolViolation(f"{url}: 206 without a valid Content-Range ({value[:60]!r})")
+    first, last, total = int(m.group(1)), int(m.group(2)), m.group(3)
+    if (first, last + 1) != (start, end):
+        raise ProtocolViolation(f"{url}: asked for bytes {start}-{end - 1}, got {first}-{last}")
+    if size is not None and total != "*" and int(total) != size:
+        raise ProtocolViolation(f"{url}: blob is {total} bytes, the manifest says {size}")

@@ -1,0 +1,136 @@
+"""Model names as Ollama parses them (protocol.md §1.1).
+
+`[scheme://][host/][namespace/]model[:tag]` with defaults host `registry.ollama.ai`, namespace
+`library`, tag `latest`. Every part is validated (characters, lengths) before the name is used for
+a URL or a path, so no name can escape the cache or the mount.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import urllib.parse
+
+from modelfs.cache.errors import InvalidName
+
+DEFAULT_HOST = "registry.ollama.ai"
+DEFAULT_NAMESPACE = "library"
+DEFAULT_TAG = "latest"
+DEFAULT_SCHEME = "https"
+SCHEMES = ("http", "https")
+# host 350 + namespace/model/tag 80 each + three separators (upstream MaxNameLength).
+MAX_NAME_LENGTH = 593
+
+_LIMITS = {"host": 350, "namespace": 80, "model": 80, "tag": 80}
+# First character [A-Za-z0-9_]; later characters add '-', '.' (not in the namespace) and ':'
+# (host only, for host:port).
+_PART_RE = {
+    "host": re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]*"),
+    "namespace": re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*"),
+    "model": re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*"),
+    "tag": re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*"),
+}
+
+
+def _shown(text: str) -> str:
+    return repr(text if len(text) <= 60 else text[:57] + "...")
+
+
+def validate_part(kind: str, value: str) -> str:
+    """Check one part of a name; return it unchanged or raise InvalidName."""
+    if not value:
+        raise InvalidName(f"invalid model name: empty {kind}")
+    if len(value.encode("utf-8", "surrogateescape")) > _LIMITS[kind]:
+        raise InvalidName(f"invalid model name: {kind} longer than {_LIMITS[kind]} bytes")
+    if not _PART_RE[kind].fullmatch(value):
+        raise InvalidName(f"invalid model name: bad character in {kind} {_shown(value)}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelName:
+    host: str
+    namespace: str
+    model: str
+    tag: str
+    scheme: str = DEFAULT_SCHEME
+
+    def __post_init__(self) -> None:
+        for kind in ("host", "namespace", "model", "tag"):
+            validate_part(kind, getattr(self, kind))
+        if self.scheme not in SCHEMES:
+            raise InvalidName(f"unsupported scheme {self.scheme!r} (use http or https)")
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.scheme}://{self.host}"
+
+    @property
+    def repository(self) -> str:
+        return f"{self.namespace}/{self.model}"
+
+    @property
+    def store_parts(self) -> tuple[str, str, str, str]:
+        """(host, namespace, model, tag): the manifest's path below `manifests/`."""
+        return (self.host, self.namespace, self.model, self.tag)
+
+    def __str__(self) -> str:
+        return f"{self.host}/{self.namespace}/{self.model}:{self.tag}"
+
+    def short(self, default_host: str = DEFAULT_HOST) -> str:
+        """The shortest form that parses back to this name (as `ollama list` shows it)."""
+        if self.host != default_host:
+            return str(self)
+        if self.namespace != DEFAULT_NAMESPACE:
+            return f"{self.namespace}/{self.model}:{self.tag}"
+        return f"{self.model}:{self.tag}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Registry:
+    """Where names without a host go: `--registry URL` / `MODELFS_REGISTRY`."""
+
+    host: str = DEFAULT_HOST
+    scheme: str = DEFAULT_SCHEME
+
+    @classmethod
+    def from_url(cls, url: str | None) -> "Registry":
+        if not url:
+            return cls()
+        if "://" not in url:
+            url = "https://" + url
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme not in SCHEMES:
+            raise InvalidName(f"unsupported registry scheme in {url!r} (use http or https)")
+        if parsed.path not in ("", "/") or parsed.query or parsed.fragment or parsed.username:
+            raise InvalidName(f"registry URL must be scheme://host[:port], got {url!r}")
+        return cls(host=validate_part("host", parsed.netloc), scheme=parsed.scheme)
+
+
+def parse_name(text: str, registry: Registry = Registry()) -> ModelName:
+    """Parse a model name the way Ollama does, filling defaults from `registry`."""
+    if not isinstance(text, str) or not text:
+        raise InvalidName("invalid model name: empty")
+    if len(text) > MAX_NAME_LENGTH + len("https://"):
+        raise InvalidName(f"invalid model name: longer than {MAX_NAME_LENGTH} bytes")
+    scheme = None
+    if "://" in text:
+        scheme, text = text.split("://", 1)
+        if scheme not in SCHEMES:
+            raise InvalidName(f"unsupported scheme {scheme!r} in model name")
+    tag = DEFAULT_TAG
+    colon, slash = text.rfind(":"), text.rfind("/")
+    if colon > slash:
+        text, tag = text[:colon], text[colon + 1:]
+    parts = text.split("/")
+    if len(parts) > 3:
+        # Upstream folds the rest into the host, where '/' is not allowed: same verdict.
+        raise InvalidName(f"invalid model name: too many '/' in {_shown(text)}")
+    model = parts[-1]
+    namespace = parts[-2] if len(parts) >= 2 else DEFAULT_NAMESPACE
+    host = parts[0] if len(parts) == 3 else None
+    if host is None:
+        return ModelName(registry.host, namespace, model, tag, scheme or registry.scheme)
+    if host == registry.host:
+        return ModelName(host, namespace, model, tag, scheme or registry.scheme)
+    return ModelName(host, namespace, model, tag, scheme or DEFAULT_SCHEME)

@@ -1,0 +1,125 @@
+"""`modelfs pull`: every layer of a model into the cache, chunks concurrently, resumable.
+
+Structure: one nursery per pull. A producer walks the missing chunks of every layer in file
+order and feeds a bounded channel; `concurrency` workers each fetch a chunk (retrying temporary
+failures) and hand it to the cache's single door (`PartialBlob.put_chunk`). Chunks are taken in
+file order so the sealer mostly hashes from memory. Any final error cancels the whole pull; what
+was verified and recorded stays in the cache for the next run. The manifest is written last.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Callable
+
+import trio
+
+from modelfs.cache.blobcache import BlobCache
+from modelfs.cache.partial import PartialBlob
+
+from .client import DEFAULT_CHUNK_SIZE, ChunkPlan, RegistryClient
+from .groups import first_error
+from .manifest import Manifest
+from .names import ModelName
+from .retry import retrying
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int], None]  # called with a number of bytes now done
+
+
+@dataclasses.dataclass
+class PullResult:
+    name: ModelName
+    manifest: Manifest
+    total_bytes: int = 0
+    fetched_bytes: int = 0
+    fetched_chunks: int = 0
+    cached_bytes: int = 0  # already in the cache before this pull
+    unverified_layers: int = 0  # layers read without chunk digests (sealed as a whole)
+
+
+@dataclasses.dataclass
+class _Job:
+    blob: PartialBlob
+    plan: ChunkPlan
+    index: int
+
+
+async def pull(name: ModelName, client: RegistryClient, cache: BlobCache, *,
+               concurrency: int = 8, chunk_size: int = DEFAULT_CHUNK_SIZE,
+               progress: Progress | None = None,
+               on_start: Callable[[int], None] | None = None) -> PullResult:
+    progress = progress or (lambda n: None)
+    manifest = await client.fetch_manifest(name)
+    result = PullResult(name, manifest)
+    layers = manifest.blobs()
+    result.total_bytes = sum(layer.size for layer in layers)
+    if on_start:
+        on_start(result.total_bytes)
+
+    partials: list[tuple[PartialBlob, ChunkPlan]] = []
+    try:
+        for layer in layers:
+            if cache.is_sealed(layer.digest, layer.size):
+                result.cached_bytes += layer.size
+                continue
+            plan = await client.chunk_plan(name, layer, chunk_size)
+            blob = cache.open_partial(layer.digest, layer.size, plan.chunks)
+            result.cached_bytes += blob.cached_bytes()
+            result.unverified_layers += not plan.chunk_digests
+            partials.append((blob, plan))
+        progress(result.cached_bytes)
+
+        jobs = [_Job(blob, plan, i) for blob, plan in partials for i in blob.missing()]
+        if jobs:
+            log.info("pulling %s: %d chunks to fetch, %d bytes already cached",
+                     name.short(), len(jobs), result.cached_bytes)
+            await _fetch_all(jobs, client, concurrency, progress, result)
+        for blob, _ in partials:
+            await blob.seal()
+    finally:
+        for blob, _ in partials:
+            cache.release(blob)
+    cache.store.write_manifest(name.store_parts, manifest.raw)
+    return result
+
+
+async def _fetch_all(jobs: list[_Job], client: RegistryClient, concurrency: int,
+                     progress: Progress, result: PullResult) -> None:
+    send, receive = trio.open_memory_channel[_Job](0)
+
+    async def produce():
+        async with send:
+            for job in jobs:
+                await send.send(job)
+
+    async def work(receive):
+        async with receive:
+            async for job in receive:
+                await fetch_chunk(client, job.blob, job.plan, job.index)
+                length = job.blob.chunks[job.index].length
+                result.fetched_bytes += length
+                result.fetched_chunks += 1
+                progress(length)
+
+    with first_error():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(produce)
+            async with receive:
+                for _ in range(max(1, concurrency)):
+                    nursery.start_soon(work, receive.clone())
+
+
+async def fetch_chunk(client: RegistryClient, blob: PartialBlob, plan: ChunkPlan,
+                      index: int) -> None:
+    """Fetch chunk `index` and put it through the cache's verifying door, with retries."""
+    chunk = blob.chunks[index]
+
+    async def once():
+        data = await client.fetch_range(plan.url, chunk.start, chunk.end, blob.size)
+        await blob.put_chunk(index, data)
+
+    await retrying(once, client.config.retry,
+                   f"chunk {index} ({chunk.start}-{chunk.end - 1}) of {blob.digest[:19]}")

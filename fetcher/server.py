@@ -1,0 +1,523 @@
+"""`modelfs serve`: an Ollama models directory served as a registry (protocol.md §2-§4, §9).
+
+A plain ASGI 3 application (`RegistryApp`) run by hypercorn's trio worker (`serve`). Routes, all
+GET or HEAD (anything else is 405):
+
+    /v2/                                    200 `{}`
+    /v2/<ns>/<model>/manifests/<tag>        the manifest bytes exactly as stored
+    /v2/<ns>/<model>/blobs/sha256:<hex>     the blob; one `Range: bytes=...` gives 206
+    /v2/<ns>/<model>/chunksums/sha256:<hex> `sha256:<hex> <start>-<end>` lines (inclusive end)
+                                            with an absolute `Content-Location` of the blob
+
+Errors are Docker-style bodies `{"errors":[{"code":...,"message":...}]}`: 404 MANIFEST_UNKNOWN,
+BLOB_UNKNOWN, NAME_UNKNOWN/UNSUPPORTED (no such endpoint); 400 NAME_INVALID/DIGEST_INVALID (unsafe
+or invalid path, checked before any I/O); 400 RANGE_INVALID for a malformed Range, 416 for a range
+starting at or past the end and for several ranges (we never answer a Range with 200: a client
+writing a 200 body at its chunk offset would corrupt its copy); 500 BLOB_CORRUPT for a blob whose
+content does not hash to its name (found while computing its chunk list; blob GETs are not
+re-hashed, clients verify what they get, but a blob already found corrupt is refused too);
+500 UNKNOWN for a bug,
+with the traceback logged. Manifests are looked up under `manifests/registry.ollama.ai/` first,
+then under every other host directory, sorted.
+
+Path safety (invariant 11): the route is parsed from the ASGI `raw_path`, never from the decoded
+`path`. Bytes outside printable ASCII, backslashes, empty components, `.`/`..` components (also
+percent-encoded) and percent-escapes that decode to a separator or a control byte are refused
+with 400 before anything touches the filesystem; names then pass `validate_part` and digests
+`parse_digest`, whose grammars hold no separator at all.
+
+Access log: exactly one line per HTTP request, at INFO on the logger `modelfs.serve`, and nothing
+else on that logger or below it (hypercorn's own access log is off; errors and tracebacks go to
+`modelfs.server`, hypercorn's messages to `modelfs.server.hypercorn`):
+
+    <client> "<METHOD> <raw path>" range=<Range header or -> <status> <bytes sent>
+
+e.g. `127.0.0.1:51234 "GET /v2/library/m/blobs/sha256:ab..." range=bytes=0-99 206 100`.
+`<client>` is `host:port` (or `-`); the method, raw path and Range value are printed with every
+byte outside `!`..`~`, and `"` and `\\`, escaped as `\\xNN`, so a line always has these six
+space-separated fields. `<status>` is `-` if no response was started (cancelled at shutdown);
+`<bytes sent>` counts body bytes handed to the server (0 for HEAD). The line is written just
+before the last piece of the response is sent, so once a client has read a whole response its
+line exists; a response cut short (client gone, error mid-body) is logged when the handler ends.
+
+Concurrency contract: every request is a trio task in hypercorn's nursery. The loop never blocks
+on file I/O: opening and stat-ing blobs, reading manifests and every `os.pread` of a body piece
+run in `trio.to_thread.run_sync` (body reads under a CapacityLimiter shared by all requests);
+chunk lists come from `ChunksumStore`, which hashes in threads and single-flights per blob.
+Memory per request is one body piece (~1 MiB): the next piece is read only after the server has
+taken the previous one, and a client disconnect cancels the stream. `os.close` of a read-only fd
+is the one file syscall made on the loop (it does not wait on the disk).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import re
+import stat
+import urllib.parse
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import hypercorn.config
+import hypercorn.trio
+import trio
+
+from modelfs.cache.digests import parse_digest
+from modelfs.cache.errors import InvalidName
+from modelfs.cache.store import ModelsDir
+from modelfs.fetcher.chunksum_store import (DEFAULT_CHUNK_SIZE, BlobChanged, BlobCorrupt,
+                                            ChunksumStore, default_state_dir)
+from modelfs.fetcher.names import DEFAULT_HOST, validate_part
+
+log = logging.getLogger("modelfs.serve")
+# Not a child of "modelfs.serve": a handler on that logger must see access lines only.
+error_log = logging.getLogger("modelfs.server")
+
+MANIFEST_MEDIA_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
+PIECE_SIZE = 1 << 20
+_ENDPOINTS = {"manifests": "manifest", "blobs": "blob", "chunksums": "chunksums"}
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+Headers = list[tuple[str, str]]
+
+
+class HttpError(Exception):
+    """A refusal with a Docker-style error body."""
+
+    def __init__(self, status: int, code: str, message: str, headers: Headers = ()):
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, list(headers)
+
+    def body(self) -> bytes:
+        return json.dumps({"errors": [{"code": self.code, "message": self.message}]}).encode()
+
+
+# --- request target ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    kind: str  # "base" | "manifest" | "blob" | "chunksums"
+    namespace: str = ""
+    model: str = ""
+    ref: str = ""  # the tag, or the canonical digest
+
+
+_BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+
+
+def _refuse_path(why: str) -> HttpError:
+    return HttpError(400, "NAME_INVALID", f"invalid request path: {why}")
+
+
+def _is_plain(data: bytes) -> bool:
+    """Printable ASCII without space or backslash (a separator on some systems)."""
+    return all(0x21 <= b <= 0x7E and b != 0x5C for b in data)
+
+
+def _decode_segment(segment: bytes) -> str:
+    if _BAD_ESCAPE.search(segment):
+        raise _refuse_path("malformed percent-escape")
+    decoded = urllib.parse.unquote_to_bytes(segment)
+    if not decoded:
+        raise _refuse_path("empty path component")
+    if not _is_plain(decoded) or b"/" in decoded:
+        raise _refuse_path("encoded separator or control character")
+    if decoded in (b".", b".."):
+        raise _refuse_path("'.' or '..' component")
+    return decoded.decode("ascii")
+
+
+def _named_route(kind: str, namespace: str, model: str, ref: str) -> Route:
+    try:
+        validate_part("namespace", namespace)
+        validate_part("model", model)
+        if kind == "manifest":
+            validate_part("tag", ref)
+    except InvalidName as exc:
+        raise HttpError(400, "NAME_INVALID", str(exc)) from None
+    if kind != "manifest":
+        try:
+            ref = parse_digest(ref)
+        except InvalidName as exc:
+            raise HttpError(400, "DIGEST_INVALID", str(exc)) from None
+    return Route(kind, namespace, model, ref)
+
+
+def parse_path(raw_path: bytes) -> Route:
+    """The route for a raw request path, or HttpError (400 unsafe, 404 unknown)."""
+    if not raw_path.startswith(b"/"):
+        raise _refuse_path("not an absolute path")
+    if not _is_plain(raw_path):
+        raise _refuse_path("control, non-ASCII or backslash character")
+    if raw_path in (b"/v2", b"/v2/"):
+        return Route("base")
+    # Every component is checked before routing, so a refusal never depends on the route.
+    segments = [_decode_segment(s) for s in raw_path[1:].split(b"/")]
+    if len(segments) == 5 and segments[0] == "v2" and segments[3] in _ENDPOINTS:
+        return _named_route(_ENDPOINTS[segments[3]], segments[1], segments[2], segments[4])
+    if segments[0] == "v2":
+        raise HttpError(404, "NAME_UNKNOWN", "repository name not known to registry")
+    raise HttpError(404, "UNSUPPORTED", "no such endpoint")
+
+
+# --- Range ------------------------------------------------------------------------------------
+
+_RANGE_SPEC = re.compile(r"\s*([0-9]{0,19})\s*-\s*([0-9]{0,19})\s*", re.ASCII)
+
+
+def _unsatisfiable(size: int, why: str) -> HttpError:
+    return HttpError(416, "RANGE_INVALID", why, [("Content-Range", f"bytes */{size}")])
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """(start, end exclusive) for a single byte range, None for the whole blob.
+
+    Malformed → 400 RANGE_INVALID; several ranges or nothing satisfiable → 416."""
+    if header is None:
+        return None
+    unit, sep, spec = header.partition("=")
+    if not sep or unit.strip().lower() != "bytes":
+        raise HttpError(400, "RANGE_INVALID", f"malformed Range header {header[:80]!r}")
+    if "," in spec:
+        raise _unsatisfiable(size, "multiple ranges are not supported")
+    m = _RANGE_SPEC.fullmatch(spec)
+    if m is None or not (m.group(1) or m.group(2)):
+        raise HttpError(400, "RANGE_INVALID", f"malformed Range header {header[:80]!r}")
+    first, last = m.groups()
+    if not first:  # suffix: the last n bytes
+        n = int(last)
+        if n == 0 or size == 0:
+            raise _unsatisfiable(size, "empty suffix range")
+        return max(0, size - n), size
+    start = int(first)
+    if last and int(last) < start:
+        raise HttpError(400, "RANGE_INVALID", f"reversed Range {header[:80]!r}")
+    if start >= size:
+        raise _unsatisfiable(size, f"range starts at {start}, blob has {size} bytes")
+    return start, size if not last else min(int(last) + 1, size)
+
+
+# --- scope helpers ----------------------------------------------------------------------------
+
+
+def _header_values(scope: Scope, name: bytes) -> list[str]:
+    return [v.decode("latin-1") for k, v in scope.get("headers", ()) if k.lower() == name]
+
+
+def _range_header(scope: Scope) -> str | None:
+    values = _header_values(scope, b"range")
+    # Several Range headers are several ranges: joined, they get the multi-range answer.
+    return ",".join(values) if values else None
+
+
+_AUTHORITY = re.compile(r"[A-Za-z0-9._-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
+
+
+def _authority(scope: Scope) -> str:
+    """Host[:port] the client used, checked before it is reflected into a header."""
+    hosts = _header_values(scope, b"host")
+    if len(hosts) == 1 and _AUTHORITY.fullmatch(hosts[0]):
+        return hosts[0]
+    server = scope.get("server")
+    if not server:
+        return "localhost"
+    host, port = server[0], server[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _blob_url(scope: Scope, route: Route) -> str:
+    scheme = scope.get("scheme") if scope.get("scheme") in ("http", "https") else "http"
+    return f"{scheme}://{_authority(scope)}/v2/{route.namespace}/{route.model}/blobs/{route.ref}"
+
+
+def _printable(value: str | bytes, limit: int = 1024) -> str:
+    data = value.encode("latin-1", "replace") if isinstance(value, str) else value
+    text = "".join(chr(b) if 0x21 <= b <= 0x7E and b not in b'"\\' else f"\\x{b:02x}"
+                   for b in data[:limit])
+    return text + ("..." if len(data) > limit else "")
+
+
+def _raw_path(scope: Scope) -> bytes:
+    raw = scope.get("raw_path")
+    # raw_path is optional in ASGI; the decoded path is still validated component by component.
+    return raw if raw is not None else scope.get("path", "").encode("utf-8", "surrogateescape")
+
+
+# --- response ---------------------------------------------------------------------------------
+
+
+class _Response:
+    """Sends one response, counts body bytes and writes the access line exactly once."""
+
+    def __init__(self, send: Send, head: bool, access_line: Callable[["_Response"], None]):
+        self._send = send
+        self._access_line = access_line
+        self.head = head
+        self.status: int | None = None
+        self.sent = 0
+        self._logged = False
+
+    @property
+    def started(self) -> bool:
+        return self.status is not None
+
+    def log_once(self) -> None:
+        if not self._logged:
+            self._logged = True
+            self._access_line(self)
+
+    async def start(self, status: int, headers: Headers) -> None:
+        self.status = status
+        await self._send({"type": "http.response.start", "status": status,
+                          "headers": [(k.lower().encode(), v.encode("latin-1"))
+                                      for k, v in headers]})
+
+    async def body(self, data: bytes, *, more: bool = False) -> None:
+        if self.head:
+            data = b""
+        self.sent += len(data)
+        if not more:
+            self.log_once()  # before the last send: a client that saw the end finds the line
+        await self._send({"type": "http.response.body", "body": data, "more_body": more})
+
+    async def whole(self, status: int, headers: Headers, data: bytes) -> None:
+        await self.start(status, [*headers, ("Content-Length", str(len(data)))])
+        await self.body(data)
+
+    async def error(self, exc: HttpError) -> None:
+        await self.whole(exc.status, [("Content-Type", "application/json"), *exc.headers],
+                         exc.body())
+
+
+# --- blocking helpers (run in threads) --------------------------------------------------------
+
+
+def _open_blob(path: pathlib.Path) -> tuple[int, os.stat_result] | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        return None
+    return fd, st
+
+
+def _find_manifest(models: ModelsDir, namespace: str, model: str,
+                   tag: str) -> tuple[bytes, str] | None:
+    """(raw bytes, digest of the bytes) of the first host directory that has the manifest."""
+    try:
+        others = sorted(h for h in os.listdir(models.manifests) if h != DEFAULT_HOST)
+    except (FileNotFoundError, NotADirectoryError):
+        others = []
+    for host in [DEFAULT_HOST, *others]:
+        try:
+            validate_part("host", host)
+            raw = models.read_manifest((host, namespace, model, tag))
+        except (InvalidName, IsADirectoryError):
+            continue  # not a host directory, or a directory where the tag file should be
+        if raw is not None:
+            return raw, "sha256:" + hashlib.sha256(raw).hexdigest()
+    return None
+
+
+# --- the application --------------------------------------------------------------------------
+
+
+class RegistryApp:
+    """The ASGI 3 callable serving `models` as a read-only registry."""
+
+    def __init__(self, models: ModelsDir, chunk_store: ChunksumStore,
+                 chunk_size: int = DEFAULT_CHUNK_SIZE, *, max_disk_threads: int = 16):
+        if chunk_size <= 0:
+            raise ValueError("chunk_size must be positive")
+        self.models = models
+        self.chunk_store = chunk_store
+        self.chunk_size = chunk_size
+        self._disk_limiter = trio.CapacityLimiter(max_disk_threads)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+        elif scope["type"] == "http":
+            await self._http(scope, receive, send)
+        # websocket: not served; returning without accepting makes the server refuse it.
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        resp = _Response(send, scope["method"] == "HEAD", functools.partial(_access_line, scope))
+        try:
+            await self._dispatch(scope, receive, resp)
+        except HttpError as exc:
+            if resp.started:
+                error_log.error("refusal after the response started: %s", exc)
+            else:
+                await resp.error(exc)
+        except Exception:
+            error_log.exception("internal error on %s %s", scope["method"],
+                                _printable(_raw_path(scope)))
+            # Once the body has started the status is sent: the server drops the connection
+            # because the body is short, which the client sees as an error.
+            if not resp.started:
+                await resp.error(HttpError(500, "UNKNOWN", "internal server error"))
+        finally:
+            resp.log_once()
+
+    async def _dispatch(self, scope: Scope, receive: Receive, resp: _Response) -> None:
+        route = parse_path(_raw_path(scope))
+        if scope["method"] not in ("GET", "HEAD"):
+            raise HttpError(405, "UNSUPPORTED", f"method {scope['method'][:20]} not allowed",
+                            [("Allow", "GET, HEAD")])
+        if route.kind == "base":
+            await resp.whole(200, [("Content-Type", "application/json")], b"{}")
+        elif route.kind == "manifest":
+            await self._manifest(route, resp)
+        elif route.kind == "blob":
+            await self._blob(route, scope, receive, resp)
+        else:
+            await self._chunksums(route, scope, resp)
+
+    async def _manifest(self, route: Route, resp: _Response) -> None:
+        found = await trio.to_thread.run_sync(
+            _find_manifest, self.models, route.namespace, route.model, route.ref)
+        if found is None:
+            raise HttpError(404, "MANIFEST_UNKNOWN", "manifest unknown")
+        raw, digest = found
+        await resp.whole(200, [("Content-Type", MANIFEST_MEDIA_TYPE),
+                               ("Docker-Content-Digest", digest)], raw)
+
+    async def _blob(self, route: Route, scope: Scope, receive: Receive,
+                    resp: _Response) -> None:
+        opened = await trio.to_thread.run_sync(_open_blob, self.models.blob_path(route.ref))
+        if opened is None:
+            raise HttpError(404, "BLOB_UNKNOWN", "blob unknown to registry")
+        fd, st = opened
+        try:
+            await self._send_blob(fd, st, route.ref, scope, receive, resp)
+        finally:
+            os.close(fd)
+
+    async def _send_blob(self, fd: int, st: os.stat_result, digest: str, scope: Scope,
+                         receive: Receive, resp: _Response) -> None:
+        if self.chunk_store.is_known_corrupt(digest, st.st_size, st.st_mtime_ns):
+            raise HttpError(500, "BLOB_CORRUPT", f"blob {digest} on this server does not "
+                                                 "match its digest; refusing to serve it")
+        size = st.st_size
+        headers = [("Content-Type", "application/octet-stream"), ("Accept-Ranges", "bytes"),
+                   ("Docker-Content-Digest", digest)]
+        try:
+            wanted = parse_range(_range_header(scope), size)
+        except HttpError as exc:
+            exc.headers.append(("Accept-Ranges", "bytes"))
+            raise
+        if wanted is None:
+            status, start, end = 200, 0, size
+        else:
+            (start, end), status = wanted, 206
+            headers.append(("Content-Range", f"bytes {start}-{end - 1}/{size}"))
+        await resp.start(status, [*headers, ("Content-Length", str(end - start))])
+        if resp.head or start == end:
+            await resp.body(b"")
+        else:
+            await self._stream(fd, start, end, receive, resp)
+
+    async def _stream(self, fd: int, start: int, end: int, receive: Receive,
+                      resp: _Response) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+            offset = start
+            while offset < end:
+                data = await trio.to_thread.run_sync(
+                    os.pread, fd, min(PIECE_SIZE, end - offset), offset,
+                    limiter=self._disk_limiter)
+                if not data:
+                    raise BlobChanged(f"blob shrank to {offset} bytes while being served")
+                offset += len(data)
+                await resp.body(data, more=offset < end)
+            nursery.cancel_scope.cancel()
+
+    async def _chunksums(self, route: Route, scope: Scope, resp: _Response) -> None:
+        try:
+            chunks = await self.chunk_store.chunks(
+                route.ref, self.models.blob_path(route.ref), self.chunk_size)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise HttpError(404, "BLOB_UNKNOWN", "blob unknown to registry") from None
+        except BlobCorrupt as exc:
+            raise HttpError(500, "BLOB_CORRUPT", str(exc)) from None
+        body = "".join(f"{c.digest} {c.start}-{c.end - 1}\n" for c in chunks).encode()
+        await resp.whole(200, [("Content-Type", "text/plain; charset=utf-8"),
+                               ("Content-Location", _blob_url(scope, route))], body)
+
+
+async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
+    # Without this a gone client would not stop us reading the rest of a multi-GiB blob.
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    scope.cancel()
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+def _access_line(scope: Scope, resp: _Response) -> None:
+    client = scope.get("client")
+    who = f"{client[0]}:{client[1]}" if client else "-"
+    rng = _range_header(scope)
+    log.info('%s "%s %s" range=%s %s %d', who, _printable(scope["method"], 20),
+             _printable(_raw_path(scope)), "-" if rng is None else _printable(rng, 200),
+             "-" if resp.status is None else resp.status, resp.sent)
+
+
+# --- serve ------------------------------------------------------------------------------------
+
+
+def _check_state_dir(state_dir: pathlib.Path, models_root: pathlib.Path) -> None:
+    state, root = state_dir.resolve(), models_root.resolve()
+    if state == root or root in state.parents:
+        raise ValueError(f"the chunksums state directory {state_dir} must be outside the "
+                         f"served models directory {models_root}")
+
+
+def _hypercorn_config(host: str, port: int) -> hypercorn.config.Config:
+    config = hypercorn.config.Config()
+    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    config.accesslog = None  # the app writes its own, stable access line
+    config.errorlog = logging.getLogger("modelfs.server.hypercorn")
+    config.include_server_header = False
+    return config
+
+
+def _port_of(bind: str) -> int:
+    # hypercorn reports binds as "http://127.0.0.1:8000" or "http://[::1]:8000".
+    return int(bind.rsplit(":", 1)[1])
+
+
+async def serve(models_root: os.PathLike | str, *, host: str = "127.0.0.1", port: int = 0,
+                chunk_size: int = DEFAULT_CHUNK_SIZE,
+                state_dir: os.PathLike | str | None = None,
+                task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve `models_root` until cancelled; `task_status.started(port)` once listening."""
+    models = ModelsDir(models_root)
+    state = pathlib.Path(state_dir) if state_dir is not None else default_state_dir()
+    _check_state_dir(state, models.root)
+    app = RegistryApp(models, ChunksumStore(state), chunk_size)
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(functools.partial(
+            hypercorn.trio.serve, app, _hypercorn_config(host, port), mode="asgi"))
+        task_status.started(_port_of(binds[0]))

@@ -1,0 +1,260 @@
+"""The `modelfs` command line.
+
+Exit codes: 0 success; 1 a modelfs error (one line on stderr, no traceback: bad names, unknown
+models, unreachable registries, verification failures); 2 bad usage; 130 interrupted.
+`MODELFS_DEBUG=1` adds tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import pathlib
+import sys
+import time
+
+import trio
+
+from modelfs.cache.errors import ModelfsError
+from modelfs.fetcher import __version__
+
+from .sizes import format_size, size_arg
+
+log = logging.getLogger("modelfs")
+
+
+def default_cache_dir() -> pathlib.Path:
+    if os.environ.get("MODELFS_CACHE"):
+        return pathlib.Path(os.environ["MODELFS_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return pathlib.Path(base) / "modelfs"
+
+
+def default_models_dir() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("OLLAMA_MODELS") or os.path.expanduser("~/.ollama/models"))
+
+
+class UsageError(ModelfsError):
+    pass
+
+
+# -- import ---------------------------------------------------------------------------------
+
+def _text_arg(value: str | None) -> str | None:
+    """Text given inline, or `@path` to read it from a file."""
+    if value is None or not value.startswith("@"):
+        return value
+    try:
+        return pathlib.Path(value[1:]).read_text()
+    except OSError as exc:
+        raise UsageError(f"cannot read {value[1:]}: {exc.strerror}") from None
+
+
+def cmd_import(args) -> int:
+    from modelfs.cache.importer import import_gguf
+    from modelfs.cache.store import ModelsDir
+    from modelfs.fetcher.names import Registry, parse_name
+
+    name = parse_name(args.name, Registry.from_url(args.registry))
+    params = _text_arg(args.params)
+    if params is not None:
+        try:
+            params = json.loads(params)
+        except ValueError as exc:
+            raise UsageError(f"--params is not valid JSON: {exc}") from None
+        if not isinstance(params, dict):
+            raise UsageError("--params must be a JSON object")
+    models = ModelsDir(args.models).create()
+    result = import_gguf(args.file, name.store_parts, models, template=_text_arg(args.template),
+                         system=_text_arg(args.system), params=params,
+                         license=_text_arg(args.license))
+    print(f"imported {name.short()} into {models.root}")
+    for layer in result.layers:
+        print(f"  {layer.media_type:45s} {layer.digest}  {layer.size}")
+    return 0
+
+
+# -- serve ----------------------------------------------------------------------------------
+
+def _listen_arg(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def cmd_serve(args) -> int:
+    from modelfs.fetcher import server
+
+    host, port = args.listen
+    if not args.models.is_dir():
+        raise UsageError(f"models directory {args.models} does not exist")
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(lambda task_status: server.serve(
+                args.models, host=host, port=port, chunk_size=args.chunk_size,
+                state_dir=args.state_dir, task_status=task_status))
+            print(f"serving {args.models} on http://{host}:{bound}", flush=True)
+
+    trio.run(main)
+    return 0
+
+
+# -- pull -----------------------------------------------------------------------------------
+
+class _LogProgress:
+    """Plain progress lines for logs and pipes: at most one every few seconds."""
+
+    def __init__(self, label: str, interval: float = 2.0):
+        self.label, self.interval = label, interval
+        self.total = self.done = 0
+        self.start = self.last = time.monotonic()
+
+    def begin(self, total: int) -> None:
+        self.total = total
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.last >= self.interval or self.done >= self.total:
+            self.last = now
+            rate = self.done / max(now - self.start, 1e-6)
+            print(f"{self.label}: {format_size(self.done)} / {format_size(self.total)} "
+                  f"({format_size(rate)}/s)", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+class _BarProgress:
+    def __init__(self, label: str):
+        self.label, self.bar = label, None
+
+    def begin(self, total: int) -> None:
+        from tqdm import tqdm
+        self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                        desc=self.label, file=sys.stderr, dynamic_ncols=True)
+
+    def __call__(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def cmd_pull(args) -> int:
+    from modelfs.cache.blobcache import BlobCache
+    from modelfs.fetcher.client import ClientConfig, RegistryClient
+    from modelfs.fetcher.names import Registry, parse_name
+    from modelfs.fetcher.pull import pull
+
+    name = parse_name(args.name, Registry.from_url(args.registry))
+    label = f"pulling {name.short()}"
+    progress = _BarProgress(label) if sys.stderr.isatty() else _LogProgress(label)
+    started = time.monotonic()
+
+    async def main():
+        cache = BlobCache(args.cache)
+        try:
+            config = ClientConfig.from_env(max_connections=max(args.concurrency, 4))
+            async with RegistryClient(config) as client:
+                return await pull(name, client, cache, concurrency=args.concurrency,
+                                  chunk_size=args.chunk_size, progress=progress,
+                                  on_start=progress.begin)
+        finally:
+            cache.close()
+
+    try:
+        result = trio.run(main)
+    finally:
+        progress.close()
+    elapsed = time.monotonic() - started
+    print(f"pulled {name.short()}: {format_size(result.total_bytes)} verified and sealed "
+          f"({format_size(result.fetched_bytes)} fetched in {result.fetched_chunks} chunks, "
+          f"{format_size(result.cached_bytes)} already cached) in {elapsed:.1f}s")
+    print(f"manifest: {args.cache / 'manifests' / pathlib.Path(*name.store_parts)}")
+    return 0
+
+
+# -- main -----------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="modelfs", description="Mount models from an Ollama-compatible registry as lazily "
+        "materialized, verified files.")
+    parser.add_argument("--version", action="version", version=f"modelfs {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    registry_help = ("registry for names without a host, e.g. http://127.0.0.1:8080 "
+                     "(default $MODELFS_REGISTRY or https://registry.ollama.ai)")
+
+    p = sub.add_parser("import", help="make a model from a GGUF file in an Ollama models dir")
+    p.add_argument("file", type=pathlib.Path, help="the GGUF file")
+    p.add_argument("name", help="model name, e.g. tiny:latest or myns/tiny:q4")
+    p.add_argument("--models", type=pathlib.Path, default=default_models_dir(),
+                   help="models directory (default $OLLAMA_MODELS or ~/.ollama/models)")
+    p.add_argument("--registry", default=os.environ.get("MODELFS_REGISTRY"), help=registry_help)
+    for layer in ("template", "system", "license"):
+        p.add_argument(f"--{layer}", help=f"{layer} text, or @FILE")
+    p.add_argument("--params", help="runtime parameters as a JSON object, or @FILE")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("serve", help="serve an Ollama models dir as a registry")
+    p.add_argument("--models", type=pathlib.Path, default=default_models_dir(),
+                   help="models directory (default $OLLAMA_MODELS or ~/.ollama/models)")
+    p.add_argument("--listen", type=_listen_arg, default=("127.0.0.1", 11435),
+                   metavar="HOST:PORT", help="address to listen on (default 127.0.0.1:11435; "
+                   "port 0 picks a free one)")
+    p.add_argument("--chunk-size", type=size_arg, default=8 << 20, metavar="SIZE",
+                   help="chunksums chunk size (default 8M)")
+    p.add_argument("--state-dir", type=pathlib.Path, default=None,
+                   help="where computed chunk lists are remembered (outside the models dir)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("pull", help="fetch every layer of a model into the cache, verified")
+    p.add_argument("name", help="model name, e.g. qwen3:0.6b")
+    p.add_argument("--registry", default=os.environ.get("MODELFS_REGISTRY"), help=registry_help)
+    p.add_argument("--cache", type=pathlib.Path, default=default_cache_dir(),
+                   help="cache directory, an Ollama models dir (default $MODELFS_CACHE or "
+                   "~/.cache/modelfs)")
+    p.add_argument("--concurrency", type=int, default=8, help="chunks in flight (default 8)")
+    p.add_argument("--chunk-size", type=size_arg, default=8 << 20, metavar="SIZE",
+                   help="range size when the registry has no chunk list (default 8M)")
+    p.set_defaults(func=cmd_pull)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * args.verbose
+    if args.command == "serve":
+        level = min(level, logging.INFO)  # one line per request
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+                        stream=sys.stderr)
+    debug = bool(os.environ.get("MODELFS_DEBUG"))
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("modelfs: interrupted (verified chunks are kept in the cache)", file=sys.stderr)
+        return 130
+    except ModelfsError as exc:
+        if debug:
+            raise
+        print(f"modelfs: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        if debug:
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"modelfs: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""An ASGI middleware around the real registry app: counts every request and injects faults.
+
+Rules match on method and a path substring (and optionally the Range header) and apply an
+action a limited number of times (`times=None`: always). Everything not matched goes to the real
+app unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import Awaitable, Callable
+
+import trio
+
+
+@dataclasses.dataclass
+class Seen:
+    method: str
+    path: str
+    range: str | None
+    status: int | None = None
+
+
+Action = Callable[["Faults", dict, Callable, Callable], Awaitable[None]]
+
+
+@dataclasses.dataclass
+class Rule:
+    method: str
+    path_contains: str
+    action: Action
+    times: int | None = None
+    range: str | None = None
+
+    def matches(self, seen: Seen) -> bool:
+        return (self.times is None or self.times > 0) and seen.method == self.method and \
+            self.path_contains in seen.path and (self.range is None or seen.range == self.range)
+
+
+class Faults:
+    def __init__(self, app):
+        self.app = app
+        self.seen: list[Seen] = []
+        self.rules: list[Rule] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.delay = 0.0  # seconds added before each blob range answer
+
+    def add(self, method: str, path_contains: str, action: Action, times: int | None = None,
+            range: str | None = None) -> Rule:
+        rule = Rule(method, path_contains, action, times, range)
+        self.rules.append(rule)
+        return rule
+
+    def ranges(self, path_contains: str = "/blobs/") -> list[str]:
+        return [s.range for s in self.seen if s.method == "GET" and path_contains in s.path
+                and s.range]
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        seen = Seen(scope["method"], scope["raw_path"].decode(), headers.get("range"))
+        self.seen.append(seen)
+
+        async def recording_send(message):
+            if message["type"] == "http.response.start":
+                seen.status = message["status"]
+            await send(message)
+
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if self.delay and seen.range:
+                await trio.sleep(self.delay)
+            for rule in self.rules:
+                if rule.matches(seen):
+                    if rule.times is not None:
+                        rule.times -= 1
+                    return await rule.action(self, scope, receive, recording_send)
+            await self.app(scope, receive, recording_send)
+        finally:
+            self.in_flight -= 1
+
+
+# -- actions ----------------------------------------------------------------------------------
+
+def reply(status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> Action:
+    async def action(faults, scope, receive, send):
+        hdrs = [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+        hdrs.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": hdrs})
+        await send({"type": "http.response.body", "body": body})
+    return action
+
+
+def without_range() -> Action:
+    """Pass the request on with its Range header removed: the app answers 200, whole body."""
+    async def action(faults, scope, receive, send):
+        scope = dict(scope, headers=[(k, v) for k, v in scope["headers"]
+                                     if k.lower() != b"range"])
+        await faults.app(scope, receive, send)
+    return action
+
+
+def corrupt_body() -> Action:
+    """Flip one byte of the body (the headers stay honest)."""
+    async def action(faults, scope, receive, send):
+        done = False
+
+        async def flipping(message):
+            nonlocal done
+            if message["type"] == "http.response.body" and message.get("body") and not done:
+                body = bytearray(message["body"])
+                body[len(body) // 2] ^= 0xFF
+                message = dict(message, body=bytes(body))
+                done = True
+            await send(message)
+        await faults.app(scope, receive, flipping)
+    return action
+
+
+def short_body(missing: int = 10) -> Action:
+    """A complete, well-framed answer that is `missing` bytes short of the range."""
+    async def action(faults, scope, receive, send):
+        state = {"left": None}
+
+        async def trimming(message):
+            if message["type"] == "http.response.start":
+                hdrs = []
+                for k, v in message["headers"]:
+                    if k.lower() == b"content-length":
+                        state["left"] = int(v) - missing
+                        v = str(state["left"]).encode()
+                    hdrs.append((k, v))
+                message = dict(message, headers=hdrs)
+            elif message["type"] == "http.response.body" and state["left"] is not None:
+                body = message.get("body", b"")[:state["left"]]
+                state["left"] -= len(body)
+                message = dict(message, body=body)
+            await send(message)
+        await faults.app(scope, receive, trimming)
+    return action
+
+
+class _Reset(Exception):
+    pass
+
+
+def reset_mid_body() -> Action:
+    """Send the headers and part of the body, then drop the connection."""
+    async def action(faults, scope, receive, send):
+        async def breaking(message):
+            if message["type"] == "http.response.body" and message.get("body"):
+                body = message["body"]
+                await send(dict(message, body=body[:len(body) // 2], more_body=True))
+                raise _Reset("connection reset by the test")
+            await send(message)
+        try:
+            await faults.app(scope, receive, breaking)
+        except _Reset:
+            raise
+    return action
+
+
+def serve_bytes(data: bytes, chunk_size: int) -> tuple[Action, Action]:
+    """(chunksums action, blob action) serving `data` in place of the real blob, with a chunk
+    list that is consistent with `data` (for the seal test)."""
+    lines = []
+    for start in range(0, len(data), chunk_size):
+        piece = data[start:start + chunk_size]
+        lines.append(f"sha256:{hashlib.sha256(piece).hexdigest()} {start}-{start + len(piece) - 1}")
+    chunksums_body = ("\n".join(lines) + "\n").encode()
+
+    async def chunksums(faults, scope, receive, send):
+        await reply(200, chunksums_body)(faults, scope, receive, send)
+
+    async def blob(faults, scope, receive, send):
+        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        first, last = headers["range"].removeprefix("bytes=").split("-")
+        first, last = int(first), int(last)
+        await reply(206, data[first:last + 1],
+                    {"content-range": f"bytes {first}-{last}/{len(data)}"})(
+            faults, scope, receive, send)
+
+    return chunksums, blob

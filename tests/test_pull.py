@@ -1,0 +1,251 @@
+"""import -> serve -> pull over 127.0.0.1 with the real registry app, and every way a pull must
+fail without leaving an unverified byte in the cache."""
+
+import hashlib
+import json
+import os
+
+import pytest
+import trio
+
+from modelfs.cache.chunks import BadChunkList
+from modelfs.cache.errors import ChunkDigestMismatch, SealMismatch
+from modelfs.fetcher.errors import BadManifest, NotFound, ProtocolViolation, ShortBody
+from modelfs.fetcher.pull import pull
+
+from . import faults as F
+from .conftest import sha256_file
+
+MiB = 1 << 20
+
+
+def assert_cache_clean_of(cache, digest):
+    """Nothing of `digest` is visible as complete, and every chunk the index calls present
+    has exactly the bytes its digest promises."""
+    assert not cache.store.blob_path(digest).exists()
+    stored = cache.index.load(digest)
+    if stored is None:
+        return
+    _, chunks, present = stored
+    path = cache.partial_dir / ("sha256-" + digest[7:] + ".partial")
+    with open(path, "rb") as f:
+        for chunk, here in zip(chunks, present):
+            if here:
+                f.seek(chunk.start)
+                assert "sha256:" + hashlib.sha256(f.read(chunk.length)).hexdigest() == chunk.digest
+
+
+def manifest_of(cache, name):
+    return cache.store.read_manifest(name.store_parts)
+
+
+async def test_round_trip_matches_source_and_ollama_layout(live_registry, cache, client):
+    reg = await live_registry(chunk_size=256 << 10)
+    source, imported = reg.add_model("tiny:q1", 3 * MiB, template="{{ .Prompt }}",
+                                     system="be brief", params={"temperature": 0.1},
+                                     license="MIT")
+    name = reg.name("tiny:q1")
+    result = await pull(name, client, cache, chunk_size=1 * MiB)
+
+    # the manifest, byte for byte, where Ollama keeps it
+    host = reg.url.removeprefix("http://")
+    path = cache.root / "manifests" / host / "library" / "tiny" / "q1"
+    assert path.read_bytes() == imported.manifest
+    # every layer, same bytes as the source models dir, named as Ollama names them
+    layers = [imported.config, *imported.layers]
+    assert sorted(p.name for p in (cache.root / "blobs").iterdir()) == sorted(
+        "sha256-" + layer.digest[7:] for layer in layers)
+    for layer in layers:
+        assert sha256_file(cache.store.blob_path(layer.digest)) == layer.digest
+        assert sha256_file(reg.models.blob_path(layer.digest)) == layer.digest
+    assert sha256_file(cache.store.blob_path(imported.model.digest)) == sha256_file(source)
+    assert (cache.store.blob_path(imported.config.digest).read_bytes()
+            == reg.models.blob_path(imported.config.digest).read_bytes())
+    assert list(cache.partial_dir.iterdir()) == []
+    assert cache.index.digests() == []
+    assert result.fetched_bytes == sum(layer.size for layer in layers)
+
+    # A second pull of a sealed model fetches nothing but the manifest.
+    before = len(reg.faults.seen)
+    again = await pull(name, client, cache)
+    assert again.fetched_bytes == 0
+    assert [s.path for s in reg.faults.seen[before:]] == ["/v2/library/tiny/manifests/q1"]
+
+
+async def test_many_chunks_fetched_concurrently_each_once(live_registry, cache, client):
+    reg = await live_registry(chunk_size=64 << 10)
+    _, imported = reg.add_model("big", 3 * MiB)
+    reg.faults.delay = 0.01  # keep requests overlapping so concurrency is visible
+    await pull(reg.name("big"), client, cache, concurrency=8, chunk_size=64 << 10)
+    model = imported.model
+    ranges = reg.faults.ranges(model.digest)
+    n_chunks = -(-model.size // (64 << 10))
+    assert n_chunks >= 40
+    assert len(ranges) == n_chunks == len(set(ranges))  # each chunk requested exactly once
+    assert reg.faults.max_in_flight > 1
+    assert sha256_file(cache.store.blob_path(model.digest)) == model.digest
+
+
+async def test_temporary_failures_are_retried(live_registry, cache, client):
+    reg = await live_registry(chunk_size=64 << 10)
+    _, imported = reg.add_model("flaky", 1 * MiB)
+    d = imported.model.digest
+    reg.faults.add("GET", "/manifests/", F.reply(503, b"busy", {"retry-after": "0"}), times=1)
+    reg.faults.add("GET", "/chunksums/", F.reply(503), times=1)
+    reg.faults.add("GET", d, F.reset_mid_body(), times=2, range="bytes=65536-131071")
+    reg.faults.add("GET", d, F.reply(429, b"", {"retry-after": "0"}), times=1,
+                   range="bytes=0-65535")
+    await pull(reg.name("flaky"), client, cache, chunk_size=64 << 10)
+    assert sha256_file(cache.store.blob_path(d)) == d
+    assert reg.faults.ranges(d).count("bytes=65536-131071") == 3
+    statuses = [s.status for s in reg.faults.seen if s.path.endswith("/manifests/latest")]
+    assert statuses == [503, 200]
+
+
+async def test_missing_blob_fails_fast(live_registry, cache, client):
+    reg = await live_registry()
+    _, imported = reg.add_model("gone", 512 << 10)
+    d = imported.model.digest
+    reg.models.blob_path(d).unlink()
+    with trio.fail_after(5):
+        with pytest.raises(NotFound):
+            await pull(reg.name("gone"), client, cache)
+    # 404 is final: asked for once (a 512 KiB blob is one chunk, no chunk list needed)
+    assert len([s for s in reg.faults.seen if d in s.path]) == 1
+    assert manifest_of(cache, reg.name("gone")) is None
+
+
+async def test_unknown_model_is_not_found(live_registry, cache, client):
+    reg = await live_registry()
+    with pytest.raises(NotFound, match="not found"):
+        await pull(reg.name("nosuch"), client, cache, chunk_size=64 << 10)
+
+
+@pytest.mark.parametrize("fault, error", [
+    (F.corrupt_body, ChunkDigestMismatch),
+    (F.without_range, ProtocolViolation),
+    (F.short_body, ShortBody),
+])
+async def test_bad_chunk_answers_are_refused(live_registry, cache, client, fault, error):
+    reg = await live_registry(chunk_size=64 << 10)
+    _, imported = reg.add_model("bad", 1 * MiB)
+    d = imported.model.digest
+    reg.faults.add("GET", d, fault(), range="bytes=131072-196607")
+    with pytest.raises(error):
+        await pull(reg.name("bad"), client, cache, chunk_size=64 << 10)
+    assert_cache_clean_of(cache, d)
+    assert manifest_of(cache, reg.name("bad")) is None
+    stored = cache.index.load(d)
+    assert stored is not None and not stored[2][2]  # the bad chunk is not present
+    # Once the server behaves, the next pull completes and fetches only what is missing.
+    reg.faults.rules.clear()
+    before = len(reg.faults.ranges(d))
+    await pull(reg.name("bad"), client, cache, chunk_size=64 << 10)
+    assert sha256_file(cache.store.blob_path(d)) == d
+    refetched = reg.faults.ranges(d)[before:]
+    assert "bytes=131072-196607" in refetched
+    assert len(refetched) == stored[2].count(False)
+
+
+def _lines(chunks):
+    return "".join(f"{digest} {start}-{end}\n" for digest, start, end in chunks).encode()
+
+
+def _chunk_lines(data, size=64 << 10):
+    out = []
+    for start in range(0, len(data), size):
+        piece = data[start:start + size]
+        out.append(("sha256:" + hashlib.sha256(piece).hexdigest(), start, start + len(piece) - 1))
+    return out
+
+
+@pytest.mark.parametrize("mangle, match", [
+    (lambda c: c[:2] + c[3:], "gap"),
+    (lambda c: [c[0], (c[1][0], c[1][1] - 1, c[1][2])] + c[2:], "overlaps"),
+    (lambda c: [c[1], c[0]] + c[2:], "gap"),
+    (lambda c: c[:-1], "covers"),
+    (lambda c: c[:-1] + [(c[-1][0], c[-1][1], c[-1][2] + 100)], "past the blob size"),
+    ("sha256:zz 0-9\n", "invalid digest"),
+    ("garbage", "missing chunk range"),
+])
+async def test_bad_chunk_lists_are_refused(live_registry, cache, client, mangle, match):
+    reg = await live_registry(chunk_size=64 << 10)
+    source, imported = reg.add_model("lies", 1 * MiB)
+    d = imported.model.digest
+    data = reg.models.blob_path(d).read_bytes()
+    body = mangle.encode() if isinstance(mangle, str) else _lines(mangle(_chunk_lines(data)))
+    reg.faults.add("GET", "/chunksums/" + d, F.reply(200, body))
+    with pytest.raises(BadChunkList, match=match):
+        await pull(reg.name("lies"), client, cache, chunk_size=64 << 10)
+    assert_cache_clean_of(cache, d)
+    assert reg.faults.ranges(d) == []  # nothing fetched on a list we do not accept
+
+
+@pytest.mark.parametrize("body, match", [
+    (b"<html>not json</html>", "not JSON"),
+    (json.dumps({"schemaVersion": 2, "layers": [
+        {"mediaType": "application/vnd.ollama.image.model", "digest": "sha256:1234",
+         "size": 3}]}).encode(), "invalid digest"),
+])
+async def test_bad_manifests_are_refused(live_registry, cache, client, body, match):
+    reg = await live_registry()
+    reg.add_model("m", 256 << 10)
+    reg.faults.add("GET", "/manifests/", F.reply(200, body))
+    with pytest.raises(BadManifest, match=match):
+        await pull(reg.name("m"), client, cache, chunk_size=64 << 10)
+    assert list((cache.root / "blobs").iterdir()) == []
+    assert manifest_of(cache, reg.name("m")) is None
+
+
+async def test_seal_catches_self_consistent_lies(live_registry, cache, client):
+    """Every chunk matches the (forged) chunk list, but the blob is not the manifest's."""
+    reg = await live_registry(chunk_size=64 << 10)
+    _, imported = reg.add_model("forged", 1 * MiB)
+    d = imported.model.digest
+    evil = bytearray(reg.models.blob_path(d).read_bytes())
+    evil[-1] ^= 1
+    chunksums, blob = F.serve_bytes(bytes(evil), 64 << 10)
+    reg.faults.add("GET", "/chunksums/" + d, chunksums)
+    reg.faults.add("GET", "/blobs/" + d, blob)
+    with pytest.raises(SealMismatch):
+        await pull(reg.name("forged"), client, cache, chunk_size=64 << 10)
+    assert_cache_clean_of(cache, d)
+    assert cache.index.load(d) is None  # the chunk list is distrusted: all progress dropped
+    assert not (cache.partial_dir / ("sha256-" + d[7:] + ".partial")).exists()
+    assert manifest_of(cache, reg.name("forged")) is None
+
+
+async def test_registry_without_chunksums(live_registry, cache, client):
+    reg = await live_registry(chunk_size=64 << 10)
+    _, imported = reg.add_model("plain", 2 * MiB)
+    d = imported.model.digest
+    reg.faults.add("GET", "/chunksums/", F.reply(404, b"404 page not found"))
+    await pull(reg.name("plain"), client, cache, chunk_size=256 << 10)
+    assert sha256_file(cache.store.blob_path(d)) == d
+    assert len(reg.faults.ranges(d)) == -(-imported.model.size // (256 << 10))
+
+
+async def test_registry_without_chunksums_still_sealed(live_registry, cache, client):
+    reg = await live_registry(chunk_size=64 << 10)
+    _, imported = reg.add_model("plain", 1 * MiB)
+    d = imported.model.digest
+    reg.faults.add("GET", "/chunksums/", F.reply(404, b"404 page not found"))
+    reg.faults.add("GET", "/blobs/" + d, F.corrupt_body(), range="bytes=262144-524287")
+    with pytest.raises(SealMismatch):
+        await pull(reg.name("plain"), client, cache, chunk_size=256 << 10)
+    assert not cache.store.blob_path(d).exists()
+    assert manifest_of(cache, reg.name("plain")) is None
+
+
+async def test_redirected_blobs_are_followed(live_registry, cache, client):
+    reg = await live_registry(chunk_size=64 << 10)
+    _, imported = reg.add_model("moved", 512 << 10)
+    d = imported.model.digest
+    reg.faults.add("GET", "/chunksums/" + d, F.reply(
+        200, _lines(_chunk_lines(reg.models.blob_path(d).read_bytes())),
+        {"content-location": f"{reg.url}/cdn/{d}"}))
+    cdn = f"{reg.url}/v2/library/moved/blobs/{d}"
+    reg.faults.add("GET", "/cdn/", F.reply(307, b"", {"location": cdn}))
+    await pull(reg.name("moved"), client, cache, chunk_size=64 << 10)
+    assert sha256_file(cache.store.blob_path(d)) == d
+    assert any("/cdn/" in s.path for s in reg.faults.seen)
