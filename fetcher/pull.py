@@ -75,7 +75,7 @@ async def pull(name: ModelName, client: RegistryClient, cache: BlobCache, *,
         jobs = [_Job(blob, plan, i) for blob, plan in partials for i in blob.missing()]
         if jobs:
             log.info("pulling %s: %d chunks to fetch, %d bytes already cached",
-                     name.short(), len(jobs), result.cached_bytes)
+                     name, len(jobs), result.cached_bytes)
             await _fetch_all(jobs, client, concurrency, progress, result)
         for blob, _ in partials:
             await blob.seal()

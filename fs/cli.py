@@ -57,7 +57,8 @@ def cmd_import(args) -> int:
     from modelfs.cache.store import ModelsDir
     from modelfs.fetcher.names import Registry, parse_name
 
-    name = parse_name(args.name, Registry.from_url(args.registry))
+    registry = Registry.from_url(args.registry)
+    name = parse_name(args.name, registry)
     params = _text_arg(args.params)
     if params is not None:
         try:
@@ -70,7 +71,7 @@ def cmd_import(args) -> int:
     result = import_gguf(args.file, name.store_parts, models, template=_text_arg(args.template),
                          system=_text_arg(args.system), params=params,
                          license=_text_arg(args.license))
-    print(f"imported {name.short()} into {models.root}")
+    print(f"imported {name.short(registry.host)} into {models.root}")
     for layer in result.layers:
         print(f"  {layer.media_type:45s} {layer.digest}  {layer.size}")
     return 0
@@ -153,8 +154,9 @@ def cmd_pull(args) -> int:
     from modelfs.fetcher.names import Registry, parse_name
     from modelfs.fetcher.pull import pull
 
-    name = parse_name(args.name, Registry.from_url(args.registry))
-    label = f"pulling {name.short()}"
+    registry = Registry.from_url(args.registry)
+    name = parse_name(args.name, registry)
+    label = f"pulling {name.short(registry.host)}"
     progress = _BarProgress(label) if sys.stderr.isatty() else _LogProgress(label)
     started = time.monotonic()
 
@@ -174,7 +176,7 @@ def cmd_pull(args) -> int:
     finally:
         progress.close()
     elapsed = time.monotonic() - started
-    print(f"pulled {name.short()}: {format_size(result.total_bytes)} verified and sealed "
+    print(f"pulled {name.short(registry.host)}: {format_size(result.total_bytes)} verified and sealed "
           f"({format_size(result.fetched_bytes)} fetched in {result.fetched_chunks} chunks, "
           f"{format_size(result.cached_bytes)} already cached) in {elapsed:.1f}s")
     print(f"manifest: {args.cache / 'manifests' / pathlib.Path(*name.store_parts)}")

@@ -1,0 +1,143 @@
+"""The `modelfs` command line as users run it: real processes, a real server on 127.0.0.1."""
+
+import os
+import pathlib
+import signal
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+import trio
+
+from .conftest import sha256_file
+from .gguf_factory import make_gguf_of_size
+
+MODELFS = [sys.executable, "-m", "modelfs.fs.cli"]
+MiB = 1 << 20
+
+
+def modelfs(*args, **kw):
+    return subprocess.run(MODELFS + [str(a) for a in args], capture_output=True, text=True,
+                          timeout=120, **kw)
+
+
+@pytest.fixture
+def served(tmp_path):
+    """`modelfs serve` as a subprocess over a models dir with one imported model."""
+    models = tmp_path / "models"
+    source = make_gguf_of_size(tmp_path / "m.gguf", 2 * MiB, seed=3)
+    r = modelfs("import", source, "tiny:q8", "--models", models, "--template", "T {{ .Prompt }}",
+                "--params", '{"stop": ["<end>"]}')
+    assert r.returncode == 0, r.stderr
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen(MODELFS + ["serve", "--models", str(models), "--listen",
+                                       "127.0.0.1:0", "--chunk-size", "128K", "--state-dir",
+                                       str(tmp_path / "state")],
+                            stdout=subprocess.PIPE, stderr=log, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("serving"), line
+        yield {"url": line.split()[-1], "models": models, "source": source,
+               "log": tmp_path / "serve.log", "tmp": tmp_path}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        log.close()
+
+
+def test_import_serve_pull_round_trip(served):
+    cache = served["tmp"] / "cache"
+    r = modelfs("pull", "tiny:q8", "--registry", served["url"], "--cache", cache,
+                "--chunk-size", "128K")
+    assert r.returncode == 0, r.stderr
+    assert "verified and sealed" in r.stdout
+    assert "pulling tiny:q8" in r.stderr and "/s)" in r.stderr  # plain progress lines, no tty
+    host = served["url"].removeprefix("http://")
+    manifest = cache / "manifests" / host / "library" / "tiny" / "q8"
+    source_manifest = served["models"] / "manifests/registry.ollama.ai/library/tiny/q8"
+    assert manifest.read_bytes() == source_manifest.read_bytes()
+    for blob in (served["models"] / "blobs").iterdir():
+        assert sha256_file(cache / "blobs" / blob.name) == "sha256:" + blob.name[7:]
+    assert (cache / "blobs" / ("sha256-" + sha256_file(served["source"])[7:])).exists()
+    # one log line per request at the server, with the ranges
+    lines = served["log"].read_text().splitlines()
+    assert sum('"GET /v2/library/tiny/blobs/' in line for line in lines) == 2 * MiB // (128 << 10) + 3
+
+
+@pytest.mark.parametrize("args, message", [
+    (["pull", "../etc/passwd"], "invalid model name"),
+    (["pull", "a" * 10_000], "invalid model name"),
+    (["pull", "tiny", "--registry", "ftp://x"], "unsupported registry scheme"),
+    (["pull", "tiny", "--registry", "http://127.0.0.1:9"], "cannot reach http://127.0.0.1:9"),
+    (["import", "/nonexistent.gguf", "x"], "nonexistent.gguf"),
+])
+def test_errors_are_one_line(tmp_path, args, message):
+    r = modelfs(*args, "--cache" if args[0] == "pull" else "--models", tmp_path / "c")
+    assert r.returncode == 1
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("modelfs: error:")
+
+
+def test_unknown_model_and_verification_failure(served):
+    cache = served["tmp"] / "cache"
+    r = modelfs("pull", "nosuch", "--registry", served["url"], "--cache", cache)
+    assert (r.returncode, "Traceback" in r.stderr) == (1, False)
+    assert "model nosuch:latest not found" in r.stderr
+
+    # Corrupt the served blob after its chunk list was computed (same size and mtime, so the
+    # server keeps trusting its list): the client must refuse the bytes.
+    first = modelfs("pull", "tiny:q8", "--registry", served["url"], "--cache",
+                    served["tmp"] / "warm", "--chunk-size", "128K")
+    assert first.returncode == 0, first.stderr
+    blob = served["models"] / "blobs" / ("sha256-" + sha256_file(served["source"])[7:])
+    st = blob.stat()
+    with open(blob, "r+b") as f:
+        f.seek(300_000)
+        byte = f.read(1)
+        f.seek(300_000)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    os.utime(blob, ns=(st.st_atime_ns, st.st_mtime_ns))
+    r = modelfs("pull", "tiny:q8", "--registry", served["url"], "--cache", cache,
+                "--chunk-size", "128K")
+    assert r.returncode == 1
+    assert "does not match its digest" in r.stderr and "Traceback" not in r.stderr
+    assert not (cache / "blobs" / blob.name).exists()
+
+
+async def test_pull_killed_halfway_resumes_missing_chunks_only(live_registry, tmp_path):
+    reg = await live_registry(chunk_size=64 << 10)
+    _, imported = reg.add_model("big", 4 * MiB)
+    d = imported.model.digest
+    reg.faults.delay = 0.03
+    cache = tmp_path / "cache"
+    args = MODELFS + ["pull", "big", "--registry", reg.url, "--cache", str(cache),
+                      "--chunk-size", "64K", "--concurrency", "4"]
+    proc = await trio.lowlevel.open_process(args, stdout=subprocess.DEVNULL,
+                                            stderr=subprocess.DEVNULL)
+    try:
+        with trio.fail_after(60):
+            while len(reg.faults.ranges(d)) < 24:
+                await trio.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+    first_run = reg.faults.ranges(d)
+    assert not (cache / "blobs" / ("sha256-" + d[7:])).exists()
+
+    with sqlite3.connect(cache / "index.sqlite") as db:
+        rows = db.execute('SELECT start, "end", present FROM chunks WHERE digest=?',
+                          (d,)).fetchall()
+    present = {f"bytes={s}-{e - 1}" for s, e, p in rows if p}
+    missing = {f"bytes={s}-{e - 1}" for s, e, p in rows if not p}
+    assert present and missing and len(rows) == 64
+
+    reg.faults.delay = 0
+    result = await trio.run_process(args, capture_stdout=True, capture_stderr=True, check=False)
+    assert result.returncode == 0, result.stderr
+    second_run = reg.faults.ranges(d)[len(first_run):]
+    assert sorted(second_run) == sorted(missing)  # each missing chunk once, nothing present
+    assert sha256_file(cache / "blobs" / ("sha256-" + d[7:])) == d
