@@ -19,6 +19,7 @@ import trio
 
 from .chunks import Chunk, check_coverage
 from .digests import parse_digest
+from .errors import ModelfsError
 from .index import ChunkIndex
 from .partial import PartialBlob, partial_name
 from .store import ModelsDir
@@ -40,6 +41,7 @@ class BlobCache:
         # couple of threads keep the disk and the hash busy without oversubscribing the CPU.
         self.limiter = trio.CapacityLimiter(io_threads)
         self._open: dict[str, PartialBlob] = {}
+        self._retired: list[PartialBlob] = []  # replaced while readers may still hold them
         self._clean_leftovers()
 
     def _clean_leftovers(self) -> None:
@@ -52,9 +54,10 @@ class BlobCache:
             path.unlink(missing_ok=True)
 
     def close(self) -> None:
-        for blob in self._open.values():
+        for blob in [*self._open.values(), *self._retired]:
             blob.close()
         self._open.clear()
+        self._retired.clear()
         self.index.close()
 
     def is_sealed(self, digest: str, size: int) -> bool:
@@ -70,7 +73,8 @@ class BlobCache:
         if blob is not None and not blob.sealed and blob.chunks == chunks:
             return blob
         if blob is not None:
-            blob.close()
+            # Not closed here: a read in a thread may still use its fd. Closed with the cache.
+            self._retired.append(blob)
             del self._open[digest]
         path = self.partial_dir / partial_name(digest)
         stored = self.index.load(digest)
@@ -90,6 +94,34 @@ class BlobCache:
                            limiter=self.limiter, durable=self.durable)
         self._open[digest] = blob
         return blob
+
+    def open_stored(self, digest: str, size: int) -> PartialBlob | None:
+        """The partial blob as the index last knew it, without asking the registry for its
+        chunk list (so cached chunks stay readable while the registry is away)."""
+        digest = parse_digest(digest)
+        blob = self._open.get(digest)
+        if blob is not None and not blob.sealed:
+            return blob
+        stored = self.index.load(digest)
+        if stored is None or stored[0] != size:
+            return None
+        try:
+            return self.open_partial(digest, size, stored[1])
+        except ModelfsError as exc:
+            log.warning("chunk index entry of %s is unusable (%s); ignoring it", digest[:19], exc)
+            return None
+
+    def cached_bytes(self, digest: str, size: int) -> int:
+        """Bytes of this blob present on local disk (sealed: all of them)."""
+        if self.is_sealed(digest, size):
+            return size
+        blob = self._open.get(digest)
+        if blob is not None:
+            return blob.cached_bytes()
+        stored = self.index.load(digest)
+        if stored is None or stored[0] != size:
+            return 0
+        return sum(c.length for c, here in zip(stored[1], stored[2]) if here)
 
     def release(self, blob: PartialBlob) -> None:
         if self._open.get(blob.digest) is blob:

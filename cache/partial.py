@@ -18,6 +18,7 @@ Concurrency contract (trio):
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import logging
 import os
@@ -101,6 +102,7 @@ class PartialBlob:
         self._hasher = hashlib.sha256()
         self._hashed_upto = 0  # chunks [0, _hashed_upto) are in the sealer's hash
         self._seal_lock = trio.Lock()
+        self._starts = [c.start for c in self.chunks]
         self.sealed = False
 
     @property
@@ -154,6 +156,19 @@ class PartialBlob:
                 await trio.to_thread.run_sync(self._hasher.update, buf, limiter=self._limiter)
                 self._hashed_upto = j + 1
 
+    async def read(self, offset: int, size: int) -> bytes:
+        """Bytes [offset, offset+size) from the file. The caller has made sure every chunk
+        they touch is present (or the blob is sealed)."""
+        return await trio.to_thread.run_sync(_pread_exact, self._fd, size, offset,
+                                             limiter=self._limiter)
+
+    def chunk_range(self, offset: int, size: int) -> range:
+        """Indexes of the chunks that cover [offset, offset+size)."""
+        starts = self._starts
+        first = bisect.bisect_right(starts, offset) - 1
+        last = bisect.bisect_right(starts, offset + size - 1) - 1
+        return range(max(first, 0), last + 1)
+
     @property
     def complete(self) -> bool:
         return all(self.present)
@@ -181,7 +196,8 @@ class PartialBlob:
         os.replace(self.path, self.final_path)
         if self._durable:
             await trio.to_thread.run_sync(fsync_dir, self.final_path.parent, limiter=self._limiter)
-        self.close()
+        # The fd stays open (it now names the sealed file): reads already in flight in threads
+        # keep a valid descriptor. Whoever opened the blob closes it through BlobCache.release.
         self._index.forget(self.digest)
         self.sealed = True
         log.info("sealed %s (%d bytes)", self.digest, self.size)

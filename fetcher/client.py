@@ -242,11 +242,14 @@ class RegistryClient:
         return f"{name.base_url}/v2/{name.namespace}/{name.model}/blobs/{digest}"
 
     async def chunk_plan(self, name: ModelName, layer: Layer,
-                         chunk_size: int = DEFAULT_CHUNK_SIZE) -> ChunkPlan:
+                         chunk_size: int = DEFAULT_CHUNK_SIZE,
+                         whole_up_to: int | None = None) -> ChunkPlan:
         """How to fetch `layer`: the registry's chunk list, or client-chosen ranges without
-        chunk digests when the registry has no chunksums endpoint (404)."""
+        chunk digests when the registry has no chunksums endpoint (404). Layers of at most
+        `whole_up_to` bytes (default: `chunk_size`) are one chunk, verified by the layer
+        digest, with no list to ask for."""
         blob_url = self.blob_url(name, layer.digest)
-        if layer.size <= chunk_size:
+        if layer.size <= (chunk_size if whole_up_to is None else whole_up_to):
             # One chunk whose digest is the layer digest: no list to ask for.
             chunks = [Chunk(0, layer.size, layer.digest)] if layer.size else []
             return ChunkPlan(blob_url, chunks, True)

@@ -98,7 +98,7 @@ async def _fetch_all(jobs: list[_Job], client: RegistryClient, concurrency: int,
     async def work(receive):
         async with receive:
             async for job in receive:
-                await fetch_chunk(client, job.blob, job.plan, job.index)
+                await fetch_chunk(client, job.blob, job.plan.url, job.index)
                 length = job.blob.chunks[job.index].length
                 result.fetched_bytes += length
                 result.fetched_chunks += 1
@@ -112,13 +112,12 @@ async def _fetch_all(jobs: list[_Job], client: RegistryClient, concurrency: int,
                     nursery.start_soon(work, receive.clone())
 
 
-async def fetch_chunk(client: RegistryClient, blob: PartialBlob, plan: ChunkPlan,
-                      index: int) -> None:
+async def fetch_chunk(client: RegistryClient, blob: PartialBlob, url: str, index: int) -> None:
     """Fetch chunk `index` and put it through the cache's verifying door, with retries."""
     chunk = blob.chunks[index]
 
     async def once():
-        data = await client.fetch_range(plan.url, chunk.start, chunk.end, blob.size)
+        data = await client.fetch_range(url, chunk.start, chunk.end, blob.size)
         await blob.put_chunk(index, data)
 
     await retrying(once, client.config.retry,

@@ -183,6 +183,33 @@ def cmd_pull(args) -> int:
     return 0
 
 
+# -- mount ----------------------------------------------------------------------------------
+
+def cmd_mount(args) -> int:
+    from modelfs.fetcher.names import Registry, parse_name
+
+    from .mount import MountOptions, run_background, run_foreground
+
+    registry = Registry.from_url(args.registry)
+    for text in args.model:
+        parse_name(text, registry)  # refuse bad names before anything is mounted
+    opts = MountOptions(mountpoint=args.mountpoint.resolve(), cache=args.cache.resolve(),
+                        registry=registry, models=list(args.model),
+                        read_timeout=args.read_timeout, allow_other=args.allow_other,
+                        max_fetches=args.max_fetches)
+    if args.foreground:
+        return run_foreground(opts)
+    return run_background(opts, opts.cache / "mount.log")
+
+
+def cmd_unmount(args) -> int:
+    from .mount import unmount
+
+    unmount(args.mountpoint.resolve(), lazy=args.lazy)
+    print(f"unmounted {args.mountpoint}")
+    return 0
+
+
 # -- main -----------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -228,6 +255,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=size_arg, default=8 << 20, metavar="SIZE",
                    help="range size when the registry has no chunk list (default 8M)")
     p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("mount", help="mount the registry's models as lazily fetched files")
+    p.add_argument("mountpoint", type=pathlib.Path)
+    p.add_argument("--registry", default=os.environ.get("MODELFS_REGISTRY"), help=registry_help)
+    p.add_argument("--cache", type=pathlib.Path, default=default_cache_dir(),
+                   help="cache directory (default $MODELFS_CACHE or ~/.cache/modelfs)")
+    p.add_argument("--model", action="append", default=[], metavar="NAME",
+                   help="resolve this model at mount time and list it (repeatable)")
+    p.add_argument("--foreground", "-f", action="store_true",
+                   help="stay attached and log to stderr (default: run in the background and "
+                   "log to <cache>/mount.log)")
+    p.add_argument("--read-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="a read that cannot be served in this time fails with EIO (default 60)")
+    p.add_argument("--max-fetches", type=int, default=8, metavar="N",
+                   help="chunk fetches in flight (default 8)")
+    p.add_argument("--allow-other", action="store_true",
+                   help="let other users read the mount (e.g. an ollama service user)")
+    p.set_defaults(func=cmd_mount)
+
+    p = sub.add_parser("unmount", help="unmount a modelfs mount and wait for its daemon")
+    p.add_argument("mountpoint", type=pathlib.Path)
+    p.add_argument("--lazy", "-z", action="store_true", help="detach even if files are open")
+    p.set_defaults(func=cmd_unmount)
     return parser
 
 
@@ -235,10 +285,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * args.verbose
-    if args.command == "serve":
-        level = min(level, logging.INFO)  # one line per request
+    if args.command == "serve" or (args.command == "mount" and args.foreground):
+        level = min(level, logging.INFO)  # one line per request / what the mount does
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
                         stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(max(level, logging.WARNING))  # our own logs say more
     debug = bool(os.environ.get("MODELFS_DEBUG"))
     try:
         return args.func(args)

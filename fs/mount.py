@@ -1,0 +1,298 @@
+"""Mount lifecycle: stale-mount repair, the trio/pyfuse3 main loop, background mode, signals,
+unmount.
+
+Ownership: `serve_mount` owns one nursery for the whole mount. The materializer's fetches and
+the signal watcher run in it; when pyfuse3's loop ends (unmount, SIGINT/SIGTERM) the nursery is
+cancelled, the registry client and the cache are closed, and the kernel mount is released.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import logging
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pyfuse3
+import trio
+
+from modelfs.cache.blobcache import BlobCache
+from modelfs.cache.errors import ModelfsError
+from modelfs.fetcher.client import ClientConfig, RegistryClient
+from modelfs.fetcher.groups import first_error
+from modelfs.fetcher.materializer import Materializer
+from modelfs.fetcher.names import Registry, parse_name
+from modelfs.fetcher.resolver import ModelResolver
+
+from .ops import ModelOps
+from .tree import Tree
+
+log = logging.getLogger("modelfs.mount")
+
+
+class MountError(ModelfsError):
+    pass
+
+
+@dataclasses.dataclass
+class MountOptions:
+    mountpoint: pathlib.Path
+    cache: pathlib.Path
+    registry: Registry
+    models: list[str] = dataclasses.field(default_factory=list)
+    read_timeout: float = 60.0
+    allow_other: bool = False
+    max_fetches: int = 8
+
+
+# -- the kernel's view of mounts ------------------------------------------------------------
+
+def _unescape(field: str) -> str:
+    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n") \
+        .replace("\\134", "\\")
+
+
+def mount_type(path: os.PathLike | str) -> str | None:
+    """The filesystem type mounted exactly at `path` (e.g. 'fuse.modelfs'), or None."""
+    target = os.path.abspath(path)
+    found = None
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 3 and _unescape(fields[1]) == target:
+                found = fields[2]
+    return found
+
+
+def is_stale(path: os.PathLike | str) -> bool:
+    # statfs always reaches the daemon; stat may be answered from the kernel's attribute cache
+    try:
+        os.statvfs(path)
+    except OSError as exc:
+        return exc.errno == errno.ENOTCONN
+    return False
+
+
+def fusermount_unmount(path: os.PathLike | str, lazy: bool = False) -> None:
+    args = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [str(path)]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=30)
+    if result.returncode != 0:
+        message = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
+        raise MountError(f"cannot unmount {path}: {message}")
+
+
+def prepare_mountpoint(path: pathlib.Path) -> None:
+    """Clear a stale mount left by a dead daemon; refuse a live one."""
+    if is_stale(path):
+        log.warning("%s: stale mount of a dead daemon (Transport endpoint is not connected); "
+                    "clearing it", path)
+        fusermount_unmount(path, lazy=True)
+    if mount_type(path) is not None:
+        raise MountError(f"{path} is already a mount point ({mount_type(path)}); "
+                         f"run `modelfs unmount {path}` first")
+    if not path.is_dir():
+        raise MountError(f"mount point {path} is not a directory")
+
+
+# -- pid files, so `unmount` can wait for the daemon to finish ----------------------------------
+
+def _runtime_dir() -> pathlib.Path:
+    base = os.environ.get("XDG_RUNTIME_DIR") or ("/run" if os.getuid() == 0 else "/tmp")
+    return pathlib.Path(base) / "modelfs"
+
+
+def pid_file(mountpoint: os.PathLike | str) -> pathlib.Path:
+    key = os.path.abspath(mountpoint).strip("/").replace("/", "_") or "root"
+    return _runtime_dir() / f"{key[-200:]}.pid"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie of ours (foreground tests) counts as gone
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def unmount(mountpoint: pathlib.Path, *, lazy: bool = False, wait: float = 15.0) -> None:
+    stale = is_stale(mountpoint)
+    if not stale and mount_type(mountpoint) is None:
+        raise MountError(f"{mountpoint} is not mounted")
+    fusermount_unmount(mountpoint, lazy=lazy or stale)
+    path = pid_file(mountpoint)
+    try:
+        pid = int(path.read_text())
+    except (OSError, ValueError):
+        return
+    deadline = time.monotonic() + wait
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+# -- the mount itself -------------------------------------------------------------------------
+
+def fuse_options(opts: MountOptions) -> set[str]:
+    options = set(pyfuse3.default_options)
+    options |= {"fsname=modelfs", "subtype=modelfs", "ro"}
+    if opts.allow_other:
+        options.add("allow_other")
+    return options
+
+
+async def _quietly(fn, *args) -> None:
+    """Background work whose failure is logged, not fatal to the mount."""
+    try:
+        await fn(*args)
+    except Exception as exc:
+        log.warning("%s failed: %s", getattr(fn, "__name__", fn), exc)
+
+
+async def _watch_signals(task_status=trio.TASK_STATUS_IGNORED) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started()
+        async for signum in signals:
+            log.info("got %s; unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return
+
+
+async def serve_mount(opts: MountOptions, ready) -> None:
+    """Mount, call `ready(None)` once the mount is visible, serve until unmounted."""
+    cache = BlobCache(opts.cache)
+    state = {"mounted": False}
+    try:
+        async with RegistryClient(ClientConfig.from_env()) as client:
+            with first_error():
+                async with trio.open_nursery() as nursery:
+                    await _serve(opts, cache, client, nursery, ready, state)
+    finally:
+        if state["mounted"]:
+            pyfuse3.close(unmount=True)
+            log.info("unmounted %s", opts.mountpoint)
+        cache.close()
+
+
+async def _serve(opts, cache, client, nursery, ready, state) -> None:
+    resolver = ModelResolver(client, cache)
+    tree = Tree(opts.registry, time.time_ns())
+    for text in opts.models:
+        name = parse_name(text, opts.registry)
+        tree.add_model(name, await resolver.resolve(name), time.time_ns())
+
+    async def complete(name, manifest) -> None:
+        # The mount shows no file for the config blob; fetch it (it is small) once the rest
+        # is in, so the cache holds a complete Ollama model and the manifest can be promoted.
+        if manifest.config is not None:
+            await materializer.read(name, manifest.config, 0, manifest.config.size)
+        resolver.promote_if_complete(name)
+
+    def on_sealed(digest: str) -> None:
+        for name, manifest in resolver.known().items():
+            layers = [b for b in manifest.blobs() if b is not manifest.config]
+            if any(b.digest == digest for b in manifest.blobs()) and all(
+                    cache.is_sealed(b.digest, b.size) for b in layers):
+                nursery.start_soon(_quietly, complete, name, manifest)
+
+    materializer = Materializer(client, cache, nursery, max_fetches=opts.max_fetches,
+                                on_sealed=on_sealed)
+    ops = ModelOps(tree, resolver, materializer, cache_root=cache.root,
+                   read_timeout=opts.read_timeout)
+    await nursery.start(_watch_signals)
+    pyfuse3.init(ops, str(opts.mountpoint), fuse_options(opts))
+    state["mounted"] = True
+    log.info("mounted %s (cache %s, registry %s://%s)", opts.mountpoint, cache.root,
+             opts.registry.scheme, opts.registry.host)
+    ready(None)
+    try:
+        await pyfuse3.main()
+    finally:
+        nursery.cancel_scope.cancel()
+        materializer.close()
+
+
+def run_foreground(opts: MountOptions) -> int:
+    prepare_mountpoint(opts.mountpoint)
+    _write_pid(opts.mountpoint)
+
+    def ready(error):
+        if error is None:
+            print(f"mounted {opts.mountpoint}", flush=True)
+
+    try:
+        trio.run(serve_mount, opts, ready)
+    finally:
+        pid_file(opts.mountpoint).unlink(missing_ok=True)
+    return 0
+
+
+def _write_pid(mountpoint) -> None:
+    path = pid_file(mountpoint)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{os.getpid()}\n")
+
+
+def run_background(opts: MountOptions, log_file: pathlib.Path) -> int:
+    """Fork a daemon that serves the mount; return once it is mounted (or failed)."""
+    prepare_mountpoint(opts.mountpoint)
+    opts.cache.mkdir(parents=True, exist_ok=True)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        os.close(read_end)
+        code = _daemon(opts, log_file, write_end)
+        os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        message = pipe.read().decode(errors="replace").strip()
+    if message == "ok":
+        print(f"mounted {opts.mountpoint} (daemon pid {pid}, log {log_file})", flush=True)
+        return 0
+    os.waitpid(pid, 0)
+    raise MountError(message.removeprefix("error: ") or
+                     f"the mount daemon exited before the mount was ready; see {log_file}")
+
+
+def _daemon(opts: MountOptions, log_file: pathlib.Path, pipe_fd: int) -> int:
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler = logging.FileHandler(log_file)
+    handler.setFormatter(logging.Formatter(
+        f"%(asctime)s [{os.getpid()}] %(name)s %(levelname)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(min(root.level, logging.INFO) if root.level else logging.INFO)
+    _write_pid(opts.mountpoint)
+    reported = False
+
+    def ready(error):
+        nonlocal reported
+        reported = True
+        os.write(pipe_fd, b"ok\n" if error is None else f"error: {error}\n".encode())
+        os.close(pipe_fd)
+
+    try:
+        trio.run(serve_mount, opts, ready)
+        return 0
+    except BaseException as exc:  # the daemon has no one else to tell
+        log.exception("mount daemon failed")
+        if not reported:
+            ready(str(exc) if isinstance(exc, ModelfsError) else f"{type(exc).__name__}: {exc}")
+        return 1
+    finally:
+        pid_file(opts.mountpoint).unlink(missing_ok=True)
+        logging.shutdown()

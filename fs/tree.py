@@ -1,0 +1,188 @@
+"""The mount's name tree: which path is which model, layer or directory, and their inodes.
+
+```
+<mnt>/<model>:<tag>/                       default registry, namespace `library`
+<mnt>/<namespace>/<model>:<tag>/           another namespace on the default registry
+<mnt>/<host>/<namespace>/<model>:<tag>/    another registry host
+```
+
+Which root entries are hosts: a name with a '.' or ':' before any port that is not a model,
+i.e. `example.com`, `localhost`, `127.0.0.1:5000` (a host with an all-digit port); other names
+with ':' are models, other names without are namespaces. Every part is validated by the model
+name grammar before anything else happens, so `..`, control characters and absurd lengths never
+reach the registry or the disk.
+
+Pure bookkeeping, no I/O: the filesystem operations ask this tree what a name is and resolve
+models themselves. Inodes are never reused within a mount (the tree only grows).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from modelfs.cache.errors import InvalidName
+from modelfs.fetcher.manifest import Layer, Manifest
+from modelfs.fetcher.names import ModelName, Registry, validate_part
+
+ROOT_INODE = 1
+
+_FILE_NAMES = {
+    "application/vnd.ollama.image.model": ("model", ".gguf"),
+    "application/vnd.ollama.image.projector": ("projector", ".gguf"),
+    "application/vnd.ollama.image.adapter": ("adapter", ".gguf"),
+    "application/vnd.ollama.image.draft": ("draft", ".gguf"),
+    "application/vnd.ollama.image.template": ("template", ""),
+    "application/vnd.ollama.image.prompt": ("template", ""),
+    "application/vnd.ollama.image.system": ("system", ""),
+    "application/vnd.ollama.image.license": ("license", ""),
+    "application/vnd.ollama.image.params": ("params", ".json"),
+    "application/vnd.ollama.image.messages": ("messages", ".json"),
+}
+_HOST_PORT_RE = re.compile(r"[^:]+:\d+")
+
+
+def layer_files(manifest: Manifest) -> list[tuple[str, Layer]]:
+    """File names for the layers: `model.gguf`, then `model-2.gguf` for a second model layer,
+    and so on, in manifest order. Layers of unknown kinds are not shown."""
+    counts: dict[str, int] = {}
+    files = []
+    for layer in manifest.layers:
+        base_ext = _FILE_NAMES.get(layer.media_type.split(";")[0].strip())
+        if base_ext is None:
+            continue
+        base, ext = base_ext
+        counts[base] = counts.get(base, 0) + 1
+        n = counts[base]
+        files.append((f"{base}{ext}" if n == 1 else f"{base}-{n}{ext}", layer))
+    return files
+
+
+@dataclasses.dataclass(eq=False)
+class Node:
+    inode: int
+    parent: int
+    name: str
+    kind: str  # "root", "host", "namespace", "model", "file", "data"
+    host: str | None = None
+    namespace: str | None = None
+    model: ModelName | None = None
+    layer: Layer | None = None  # kind "file"
+    data: bytes | None = None  # kind "data": manifest.json
+    mtime_ns: int = 0
+    children: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind in ("root", "host", "namespace", "model")
+
+    @property
+    def size(self) -> int:
+        if self.layer is not None:
+            return self.layer.size
+        if self.data is not None:
+            return len(self.data)
+        return 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ChildModel:
+    """A lookup that names a model: resolve it, then `add_model`."""
+    name: ModelName
+
+
+class Tree:
+    def __init__(self, registry: Registry, mtime_ns: int = 0):
+        self.registry = registry
+        self.nodes: dict[int, Node] = {}
+        self._next = ROOT_INODE
+        self.root = self._new(ROOT_INODE, "", "root", mtime_ns=mtime_ns)
+        self.root.host = registry.host
+
+    def _new(self, parent: int, name: str, kind: str, **fields) -> Node:
+        node = Node(self._next, parent, name, kind, **fields)
+        self._next += 1
+        self.nodes[node.inode] = node
+        if kind != "root":
+            self.nodes[parent].children[name] = node.inode
+        return node
+
+    def get(self, inode: int) -> Node | None:
+        return self.nodes.get(inode)
+
+    def classify(self, parent: Node, name: str) -> Node | ChildModel:
+        """What `name` in directory `parent` is. Existing children come back as they are;
+        new directories of hosts and namespaces are made on the spot; a model is returned as
+        ChildModel for the caller to resolve. Raises InvalidName before any I/O."""
+        inode = parent.children.get(name)
+        if inode is not None:
+            return self.nodes[inode]
+        if parent.kind == "root":
+            if name in ("library", self.registry.host):
+                # They would alias the root itself: the library of the default registry is it.
+                raise InvalidName(f"{name} models are listed at the top of the mount")
+            if ":" in name and not _HOST_PORT_RE.fullmatch(name):
+                return ChildModel(self._model_name(self.registry.host, "library", name))
+            if "." in name or ":" in name or name == "localhost":
+                validate_part("host", name)
+                return self._new(parent.inode, name, "host", host=name,
+                                 mtime_ns=parent.mtime_ns)
+            validate_part("namespace", name)
+            return self._new(parent.inode, name, "namespace", host=self.registry.host,
+                             namespace=name, mtime_ns=parent.mtime_ns)
+        if parent.kind == "host":
+            validate_part("namespace", name)
+            return self._new(parent.inode, name, "namespace", host=parent.host, namespace=name,
+                             mtime_ns=parent.mtime_ns)
+        if parent.kind == "namespace":
+            return ChildModel(self._model_name(parent.host, parent.namespace, name))
+        raise InvalidName(f"no entry {name[:60]!r}")
+
+    def _model_name(self, host: str, namespace: str, entry: str) -> ModelName:
+        model, sep, tag = entry.partition(":")
+        if not sep:
+            raise InvalidName(f"model directories are named <model>:<tag>, not {entry[:60]!r}")
+        scheme = self.registry.scheme if host == self.registry.host else "https"
+        return ModelName(host, namespace, model, tag, scheme)
+
+    def model_dir(self, name: ModelName) -> Node | None:
+        """The directory of `name` if it is in the tree already."""
+        node = self._parent_of(name, create=False)
+        inode = node.children.get(self._entry(name)) if node else None
+        return self.nodes[inode] if inode else None
+
+    def add_model(self, name: ModelName, manifest: Manifest, mtime_ns: int) -> Node:
+        """The directory of a resolved model, with its files (idempotent)."""
+        existing = self.model_dir(name)
+        if existing is not None:
+            return existing
+        parent = self._parent_of(name, create=True)
+        node = self._new(parent.inode, self._entry(name), "model", host=name.host,
+                         namespace=name.namespace, model=name, mtime_ns=mtime_ns)
+        for file_name, layer in layer_files(manifest):
+            self._new(node.inode, file_name, "file", model=name, layer=layer, mtime_ns=mtime_ns)
+        self._new(node.inode, "manifest.json", "data", model=name, data=manifest.raw,
+                  mtime_ns=mtime_ns)
+        return node
+
+    @staticmethod
+    def _entry(name: ModelName) -> str:
+        return f"{name.model}:{name.tag}"
+
+    def _parent_of(self, name: ModelName, *, create: bool) -> Node | None:
+        node = self.root
+        path = [] if name.host == self.registry.host else [name.host]
+        if path or name.namespace != "library":
+            path.append(name.namespace)
+        for depth, part in enumerate(path):
+            inode = node.children.get(part)
+            if inode is None:
+                if not create:
+                    return None
+                kind = "host" if depth == 0 and name.host != self.registry.host else "namespace"
+                node = self._new(node.inode, part, kind, host=name.host,
+                                 namespace=part if kind == "namespace" else None,
+                                 mtime_ns=node.mtime_ns)
+            else:
+                node = self.nodes[inode]
+        return node

@@ -1,0 +1,137 @@
+"""Real processes for mount tests: `modelfs serve` and `modelfs mount` as users run them.
+
+Every mount is lazily unmounted and its daemon killed in teardown, even when a test fails.
+Requests are counted from the server's access log (one line per request, see fetcher.server).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+MODELFS = [sys.executable, "-m", "modelfs.fs.cli"]
+_LOG_RE = re.compile(r'"(?P<method>\S+) (?P<path>\S+)" range=(?P<range>\S+) (?P<status>\S+)')
+
+fuse_available = pytest.mark.skipif(
+    not (os.path.exists("/dev/fuse") and shutil.which("fusermount3")),
+    reason="needs /dev/fuse and fusermount3")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`modelfs serve` on a fixed port, so it can be stopped and started again."""
+
+    def __init__(self, models: pathlib.Path, state: pathlib.Path, log: pathlib.Path,
+                 chunk_size: str = "1M"):
+        self.models, self.state, self.log, self.chunk_size = models, state, log, chunk_size
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def start(self) -> "Server":
+        log = open(self.log, "a")
+        self.proc = subprocess.Popen(
+            MODELFS + ["serve", "--models", str(self.models), "--listen",
+                       f"127.0.0.1:{self.port}", "--chunk-size", self.chunk_size,
+                       "--state-dir", str(self.state)],
+            stdout=subprocess.PIPE, stderr=log, text=True)
+        log.close()
+        line = self.proc.stdout.readline()
+        assert line.startswith("serving"), f"server did not start: {line!r}"
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def requests(self) -> list[dict]:
+        if not self.log.exists():
+            return []
+        out = []
+        for line in self.log.read_text().splitlines():
+            m = _LOG_RE.search(line)
+            if m and "modelfs.serve" in line:
+                out.append(m.groupdict())
+        return out
+
+    def ranges(self, digest: str) -> list[str]:
+        return [r["range"] for r in self.requests()
+                if r["method"] == "GET" and digest in r["path"] and "/blobs/" in r["path"]
+                and r["range"] != "-"]
+
+
+def chunk_range(index: int, chunk: int, size: int) -> str:
+    start = index * chunk
+    return f"bytes={start}-{min(start + chunk, size) - 1}"
+
+
+class Mount:
+    """`modelfs mount` in the background; `pid` is the daemon."""
+
+    def __init__(self, mountpoint: pathlib.Path, cache: pathlib.Path, registry: str,
+                 *extra: str):
+        self.path, self.cache, self.registry, self.extra = mountpoint, cache, registry, extra
+        self.pid = None
+
+    def start(self, check: bool = True) -> subprocess.CompletedProcess:
+        self.path.mkdir(exist_ok=True)
+        result = subprocess.run(
+            MODELFS + ["mount", str(self.path), "--registry", self.registry, "--cache",
+                       str(self.cache), *self.extra], capture_output=True, text=True, timeout=60)
+        if check:
+            assert result.returncode == 0, result.stderr
+        m = re.search(r"daemon pid (\d+)", result.stdout)
+        if m:
+            self.pid = int(m.group(1))
+        return result
+
+    def alive(self) -> bool:
+        if self.pid is None:
+            return False
+        try:
+            with open(f"/proc/{self.pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    def wait_gone(self, timeout: float = 10) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return not self.alive()
+
+    def cleanup(self) -> None:
+        subprocess.run(["fusermount3", "-u", "-z", str(self.path)], capture_output=True)
+        if self.alive():
+            os.kill(self.pid, signal.SIGKILL)
+            self.wait_gone()
+
+    def log(self) -> str:
+        path = self.cache / "mount.log"
+        return path.read_text() if path.exists() else ""
+
+
+def mounted(path: pathlib.Path) -> bool:
+    target = str(path.resolve())
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[1] == target for line in f)
