@@ -5,12 +5,20 @@
 <cache>/manifests/<host>/<ns>/<model>/<tag>
 <cache>/partial/sha256-<hex>.partial  sparse files of blobs in progress (outside blobs/, so
                                       Ollama's prune and readers never see them)
-<cache>/index.sqlite                  the chunk index of the partial blobs
+<cache>/index.sqlite                  the chunk index of the partial blobs, and which files in
+                                      blobs/ were checked against their digest
+<cache>/lock                          held (flock) by the one process using this cache
 ```
+
+A file in `blobs/` counts as sealed only if the index recorded it when it was sealed (same size,
+mtime and inode). Any other file there (copied in, left by another tool) is hashed once before
+it is trusted (`adopt_sealed`), so a blob is never accepted on its size alone.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import logging
 import os
 import pathlib
@@ -27,12 +35,41 @@ from .store import ModelsDir
 log = logging.getLogger(__name__)
 
 
+class CacheBusy(ModelfsError):
+    """Another process uses this cache directory."""
+
+
+def _lock(root: pathlib.Path) -> int:
+    fd = os.open(root / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise CacheBusy(f"cache {root} is in use by another modelfs process"
+                        + (f" (pid {holder})" if holder else "")) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _hash_file(path: pathlib.Path) -> tuple[str, int, int]:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while piece := f.read(8 << 20):
+            h.update(piece)
+        st = os.fstat(f.fileno())
+    return "sha256:" + h.hexdigest(), st.st_mtime_ns, st.st_ino
+
+
 class BlobCache:
     """Owns the index and the open partial blobs of one cache directory (trio thread only)."""
 
     def __init__(self, root: os.PathLike | str, *, durable: bool = True, io_threads: int = 2):
         self.root = pathlib.Path(root)
         self.store = ModelsDir(self.root).create()
+        # One process per cache: two writers would race on the same partial files and seals.
+        self._lock_fd = _lock(self.root)
         self.partial_dir = self.root / "partial"
         self.partial_dir.mkdir(exist_ok=True)
         self.index = ChunkIndex(self.root / "index.sqlite")
@@ -59,9 +96,35 @@ class BlobCache:
         self._open.clear()
         self._retired.clear()
         self.index.close()
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = -1
 
     def is_sealed(self, digest: str, size: int) -> bool:
-        return self.store.has_blob(digest, size)
+        """True if `blobs/` holds this blob as we sealed (or adopted) it."""
+        try:
+            st = self.store.blob_path(digest).stat()
+        except FileNotFoundError:
+            return False
+        return self.index.sealed_as(digest) == (size, st.st_mtime_ns, st.st_ino) == (
+            st.st_size, st.st_mtime_ns, st.st_ino)
+
+    async def adopt_sealed(self, digest: str, size: int) -> bool:
+        """Trust a file in `blobs/` we did not seal only after hashing it (in a thread). A
+        file that does not match its name is removed, loudly. True if the blob is sealed."""
+        if self.is_sealed(digest, size):
+            return True
+        path = self.store.blob_path(digest)
+        if not self.store.has_blob(digest, size):
+            return False
+        actual, mtime_ns, ino = await trio.to_thread.run_sync(_hash_file, path,
+                                                              limiter=self.limiter)
+        if actual != digest:
+            log.error("blobs/%s does not hash to its name (%s); removing it", path.name, actual)
+            path.unlink(missing_ok=True)
+            return False
+        self.index.record_sealed(digest, size, mtime_ns, ino)
+        return True
 
     def open_partial(self, digest: str, size: int, chunks: list[Chunk]) -> PartialBlob:
         """The partial blob for `digest`, resuming what the index holds if the chunk list is

@@ -13,6 +13,11 @@ from .digests import parse_digest
 from .errors import ModelfsError
 
 
+# A chunk is held in memory while it is verified: the largest we accept bounds that memory.
+MAX_CHUNK_BYTES = 64 << 20
+DEFAULT_CHUNK_SIZE = 8 << 20
+
+
 class BadChunkList(ModelfsError):
     """A chunk list that does not describe the blob exactly."""
 

@@ -140,7 +140,11 @@ class PartialBlob:
             await self._sync.wait_durable(self._sync.wrote())
         self.present[i] = True
         self._index.mark_present(self.digest, [i])
-        await self._advance_sealer(i, data)
+        if not self._seal_lock.locked():
+            # Whoever holds the lock re-checks `present` after each await, so this chunk is
+            # picked up; waiting here would stall this fetcher behind the read-back of a
+            # resumed blob's prefix.
+            await self._advance_sealer(i, data)
 
     async def _advance_sealer(self, arrived: int, data) -> None:
         async with self._seal_lock:
@@ -187,13 +191,15 @@ class PartialBlob:
             log.error("SEAL MISMATCH for blob %s: every chunk verified, but the blob hashes to %s. "
                       "The chunk list was wrong; discarding the partial blob.",
                       self.digest, actual)
-            self.discard()
+            await self.discard()
             raise SealMismatch(f"blob {self.digest} failed its seal: whole-file sha256 is "
                                f"{actual}; the cached copy was discarded")
         if self._durable:
             await trio.to_thread.run_sync(os.fsync, self._fd, limiter=self._limiter)
         os.chmod(self.path, 0o644)
         os.replace(self.path, self.final_path)
+        st = os.fstat(self._fd)
+        self._index.record_sealed(self.digest, self.size, st.st_mtime_ns, st.st_ino)
         if self._durable:
             await trio.to_thread.run_sync(fsync_dir, self.final_path.parent, limiter=self._limiter)
         # The fd stays open (it now names the sealed file): reads already in flight in threads
@@ -203,13 +209,15 @@ class PartialBlob:
         log.info("sealed %s (%d bytes)", self.digest, self.size)
         return self.final_path
 
-    def discard(self) -> None:
-        self.close()
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+    async def discard(self) -> None:
+        """Drop every byte and the index rows (the fd stays open for reads in flight)."""
         self._index.forget(self.digest)
+        self.present = [False] * len(self.chunks)
+        await trio.to_thread.run_sync(_unlink_quietly, self.path, limiter=self._limiter)
+
+
+def _unlink_quietly(path: pathlib.Path) -> None:
+    path.unlink(missing_ok=True)
 
 
 def partial_name(digest: str) -> str:

@@ -38,14 +38,13 @@ import threading
 
 import trio
 
-from modelfs.cache.chunks import Chunk
+from modelfs.cache.chunks import DEFAULT_CHUNK_SIZE, Chunk
 from modelfs.cache.digests import blob_filename, parse_digest
 from modelfs.cache.errors import IntegrityError, ModelfsError
 from modelfs.cache.store import atomic_write
 
 log = logging.getLogger("modelfs.chunksums")
 
-DEFAULT_CHUNK_SIZE = 8 << 20
 STATE_FORMAT = "modelfs-chunksums"
 STATE_VERSION = 1
 _PIECE = 1 << 20  # read size while hashing: memory stays bounded whatever the chunk size

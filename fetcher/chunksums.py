@@ -3,7 +3,7 @@ inclusive ends. Parsed strictly, then checked to tile the blob exactly (invarian
 
 from __future__ import annotations
 
-from modelfs.cache.chunks import BadChunkList, Chunk, check_coverage
+from modelfs.cache.chunks import MAX_CHUNK_BYTES, BadChunkList, Chunk, check_coverage
 from modelfs.cache.digests import parse_digest
 from modelfs.cache.errors import InvalidName
 
@@ -12,8 +12,7 @@ MAX_CHUNKSUMS_BYTES = 32 << 20
 
 def _parse_range(text: str, digest: str) -> tuple[int, int]:
     first, sep, last = text.partition("-")
-    if not sep or not first.isdigit() or not last.isdigit() or not first.isascii() \
-            or not last.isascii():
+    if not sep or not first.isdigit() or not last.isdigit():
         raise BadChunkList(f"chunksums: invalid chunk range {text[:40]!r} for digest {digest}")
     start, end = int(first), int(last)
     if start > end:
@@ -38,7 +37,8 @@ def parse_chunksums(body: bytes, size: int) -> list[Chunk]:
         except InvalidName:
             raise BadChunkList(f"chunksums: invalid digest {tokens[i][:80]!r}") from None
         start, end = _parse_range(tokens[i + 1], digest)
+        if end - start > MAX_CHUNK_BYTES:
+            raise BadChunkList(f"chunksums: chunk {start}-{end - 1} is {end - start} bytes, "
+                               f"more than the {MAX_CHUNK_BYTES} this client holds in memory")
         chunks.append(Chunk(start, end, digest))
-    if size == 0 and not chunks:
-        return []
     return check_coverage(chunks, size)

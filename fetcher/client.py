@@ -11,20 +11,23 @@ returns its connection to the pool (style.md §3.11).
 from __future__ import annotations
 
 import base64
+import email.utils
 import contextlib
 import dataclasses
 import logging
 import os
 import platform
 import re
+import time
 import urllib.parse
 
 import httpx
+import trio
 
-from modelfs.cache.chunks import Chunk, fixed_chunks
+from modelfs.cache.chunks import DEFAULT_CHUNK_SIZE, Chunk, fixed_chunks
 
 from . import __version__
-from .chunksums import parse_chunksums
+from .chunksums import MAX_CHUNKSUMS_BYTES, parse_chunksums
 from .errors import (NotFound, ProtocolViolation, RegistryError, RegistryUnreachable, ShortBody,
                      TemporaryError, Unauthorized, error_for_status)
 from .manifest import (MANIFEST_MEDIA_TYPE, MAX_MANIFEST_BYTES, OCI_MANIFEST_MEDIA_TYPE, Layer,
@@ -34,10 +37,11 @@ from .retry import RetryPolicy, retrying
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CHUNK_SIZE = 8 << 20
 # The public registry refuses clients whose User-Agent does not look like a current Ollama
 # (protocol.md §2.1: 412 "requires a newer version"). We send that form with the version we are
 # compatible with, and name ourselves in a trailing product token.
+# Slower than this, a chunk transfer counts as stalled (and is retried).
+MIN_TRANSFER_RATE = 256 << 10
 OLLAMA_COMPAT_VERSION = os.environ.get("MODELFS_OLLAMA_VERSION", "0.13.0")
 _ARCH = {"x86_64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
 
@@ -90,27 +94,38 @@ def _error_message(response: httpx.Response, body: bytes) -> str:
 
 
 def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after", "")
+    """Retry-After as seconds or as an HTTP date."""
+    value = response.headers.get("retry-after", "").strip()
+    if not value:
+        return None
     try:
         return max(0.0, float(value))
     except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
         return None
+    return max(0.0, when.timestamp() - time.time())
 
 
 @contextlib.contextmanager
 def map_transport_errors(url):
-    """Translate httpx transport exceptions into fetcher errors, chained (the only place)."""
+    """Translate httpx exceptions into fetcher errors, chained (the only place)."""
     try:
         yield
     except httpx.ConnectError as exc:
         raise RegistryUnreachable(f"cannot reach {_origin(url)}: {exc or 'connection failed'}") from exc
     except httpx.TimeoutException as exc:
         raise RegistryUnreachable(f"{url}: timed out ({type(exc).__name__})") from exc
-    except (httpx.UnsupportedProtocol, httpx.InvalidURL, httpx.LocalProtocolError) as exc:
+    except (httpx.UnsupportedProtocol, httpx.LocalProtocolError) as exc:
         raise RegistryError(f"{url}: {exc}") from exc
-    except (httpx.TransportError, httpx.StreamError) as exc:
+    except httpx.TransportError as exc:
         # resets, a body cut short by the peer, malformed framing: the next try may succeed
         raise TemporaryError(f"{url}: {type(exc).__name__}: {exc}") from exc
+    except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError) as exc:
+        # too many redirects, undecodable bodies, bad URLs: asking again will not help
+        raise RegistryError(f"{url}: {type(exc).__name__}: {exc}") from exc
 
 
 def _origin(url) -> str:
@@ -125,7 +140,8 @@ class RegistryClient:
     def __init__(self, config: ClientConfig = ClientConfig(), *,
                  transport: httpx.AsyncBaseTransport | None = None):
         self.config = config
-        self._tokens: dict[str, str] = {}  # origin -> bearer token
+        self._tokens: dict[str, str] = {}  # origin -> Authorization header value
+        self._auth_lock = trio.Lock()
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(connect=config.connect_timeout, read=config.read_timeout,
                                   write=config.read_timeout, pool=config.pool_timeout),
@@ -149,65 +165,79 @@ class RegistryClient:
 
     def _auth_headers(self, url: str) -> dict[str, str]:
         token = self._tokens.get(_origin(url))
-        if token:
-            return {"Authorization": token}
-        return {}
+        return {"Authorization": token} if token else {}
 
-    async def _authenticate(self, response: httpx.Response) -> bool:
-        """Answer a 401 challenge; True if a retry with new credentials makes sense."""
-        challenge = response.headers.get("www-authenticate", "")
-        scheme = challenge.split(" ", 1)[0].lower()
-        origin = _origin(response.request.url)
-        if scheme == "basic" and self.config.username is not None:
-            pair = f"{self.config.username}:{self.config.password or ''}".encode()
-            self._tokens[origin] = "Basic " + base64.b64encode(pair).decode()
+    def _basic(self) -> str:
+        pair = f"{self.config.username}:{self.config.password or ''}".encode()
+        return "Basic " + base64.b64encode(pair).decode()
+
+    async def _authenticate(self, origin: str, challenge: str, used: str | None) -> bool:
+        """Answer a 401 challenge from `origin`; True if a retry with new credentials makes
+        sense. One token request at a time: tasks that got the same challenge reuse it."""
+        async with self._auth_lock:
+            if self._tokens.get(origin) != used:
+                return True  # another task authenticated meanwhile
+            scheme = challenge.split(" ", 1)[0].lower()
+            if scheme == "basic" and self.config.username is not None:
+                self._tokens[origin] = self._basic()
+                return True
+            if scheme != "bearer":
+                return False
+            params = dict(_CHALLENGE_RE.findall(challenge))
+            realm = params.pop("realm", "")
+            if not realm:
+                return False
+            # A token service elsewhere could harvest our credentials (protocol.md §3.4), and
+            # one without TLS where the registry has it would leak them.
+            realm_url, registry_url = httpx.URL(realm), httpx.URL(origin)
+            if realm_url.netloc != registry_url.netloc or (
+                    realm_url.scheme != registry_url.scheme and realm_url.scheme != "https"):
+                raise Unauthorized(f"token realm {realm} is not on the registry {origin}")
+            headers = {"Authorization": self._basic()} if self.config.username is not None \
+                else {}
+            query = {k: v for k, v in params.items() if k in ("service", "scope")}
+            with map_transport_errors(realm):
+                answer = await self._http.get(realm, params=query, headers=headers)
+            if answer.status_code != 200:
+                raise error_for_status(answer.status_code, "token request: " + _error_message(
+                    answer, answer.content))
+            try:
+                doc = answer.json()
+                token = doc.get("token") or doc.get("access_token")
+            except (ValueError, AttributeError):
+                token = None
+            if not isinstance(token, str) or not token:
+                raise Unauthorized(f"token service {realm} gave no token")
+            self._tokens[origin] = "Bearer " + token
             return True
-        if scheme != "bearer":
-            return False
-        params = dict(_CHALLENGE_RE.findall(challenge))
-        realm = params.pop("realm", "")
-        if not realm:
-            return False
-        # A token service on another host could harvest our credentials (protocol.md §3.4).
-        if _origin(realm).split("://")[1] != _origin(response.request.url).split("://")[1]:
-            raise Unauthorized(f"token realm {realm} is not on the registry host {origin}")
-        headers = {}
-        if self.config.username is not None:
-            pair = f"{self.config.username}:{self.config.password or ''}".encode()
-            headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
-        query = {k: v for k, v in params.items() if k in ("service", "scope")}
-        with map_transport_errors(realm):
-            answer = await self._http.get(realm, params=query, headers=headers)
-        if answer.status_code != 200:
-            raise error_for_status(answer.status_code, "token request: " + _error_message(
-                answer, answer.content))
-        try:
-            doc = answer.json()
-            token = doc.get("token") or doc.get("access_token")
-        except ValueError:
-            token = None
-        if not isinstance(token, str) or not token:
-            raise Unauthorized(f"token service {realm} gave no token")
-        self._tokens[origin] = "Bearer " + token
-        return True
 
     @contextlib.asynccontextmanager
     async def _stream(self, method: str, url: str, headers: dict[str, str] | None = None):
-        """A streamed response with a success status; auth challenges answered once."""
+        """A streamed response with a success status; an auth challenge is answered once.
+        The 401 response is closed before authenticating, so the token request never waits
+        for a connection the challenge itself holds."""
+        origin = _origin(url)
         for attempt in (1, 2):
+            used = self._tokens.get(origin)
             req_headers = {**self._auth_headers(url), **(headers or {})}
+            challenge = None
             with map_transport_errors(url):
                 async with self._http.stream(method, url, headers=req_headers) as response:
-                    if response.status_code == 401 and attempt == 1:
-                        if await self._authenticate(response):
-                            continue
-                    if response.status_code >= 400:
+                    if (response.status_code == 401 and attempt == 1
+                            and _origin(response.request.url) == origin):
+                        challenge = response.headers.get("www-authenticate", "")
+                    elif response.status_code >= 400:
                         body = await response.aread()
                         raise error_for_status(response.status_code,
                                                _error_message(response, body),
                                                _retry_after(response))
-                    yield response
-                    return
+                    else:
+                        yield response
+                        return
+            if not await self._authenticate(origin, challenge, used):
+                raise Unauthorized(f"{method} {url}: HTTP 401 and no way to authenticate "
+                                   f"(set MODELFS_REGISTRY_USER / MODELFS_REGISTRY_PASSWORD)")
+        raise AssertionError("unreachable")
 
     async def _get_bytes(self, url: str, limit: int, headers: dict[str, str] | None = None):
         async with self._stream("GET", url, headers) as response:
@@ -256,7 +286,7 @@ class RegistryClient:
         url = f"{name.base_url}/v2/{name.namespace}/{name.model}/chunksums/{layer.digest}"
 
         async def once():
-            response, body = await self._get_bytes(url, 32 << 20)
+            response, body = await self._get_bytes(url, MAX_CHUNKSUMS_BYTES)
             if response.status_code != 200:
                 raise ProtocolViolation(f"{url}: unexpected status {response.status_code}")
             location = response.headers.get("content-location") or blob_url
@@ -271,7 +301,18 @@ class RegistryClient:
             return ChunkPlan(blob_url, fixed_chunks(layer.size, chunk_size), False)
 
     async def fetch_range(self, url: str, start: int, end: int, blob_size: int | None = None):
-        """Exactly bytes [start, end) of the blob at `url`, or an error. One attempt."""
+        """Exactly bytes [start, end) of the blob at `url`, or an error. One attempt.
+
+        httpx's read timeout bounds each wait for bytes; this bounds the whole answer, so a
+        server that trickles a byte now and then cannot hold a chunk forever (a stall)."""
+        budget = self.config.read_timeout + (end - start) / MIN_TRANSFER_RATE
+        with trio.move_on_after(budget) as scope:
+            return await self._fetch_range(url, start, end, blob_size)
+        assert scope.cancelled_caught
+        raise TemporaryError(f"{url}: range {start}-{end - 1} stalled (no answer at "
+                             f"{MIN_TRANSFER_RATE >> 10} KiB/s within {budget:.0f}s)")
+
+    async def _fetch_range(self, url: str, start: int, end: int, blob_size: int | None):
         length = end - start
         headers = {"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"}
         async with self._stream("GET", url, headers) as response:
@@ -287,7 +328,7 @@ class RegistryClient:
             buf = bytearray(length)
             view, pos = memoryview(buf), 0
             with map_transport_errors(url):
-                async for piece in response.aiter_raw():
+                async for piece in response.aiter_bytes():
                     if pos + len(piece) > length:
                         raise ProtocolViolation(f"{url}: more than the {length} bytes asked for")
                     view[pos:pos + len(piece)] = piece

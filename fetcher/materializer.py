@@ -108,7 +108,7 @@ class Materializer:
             if state.quarantined_until > trio.current_time():
                 raise Quarantined(f"blob {layer.digest[:19]} failed its seal recently; "
                                   f"not served until it is fetched again")
-            if self._is_sealed(state):
+            if await self._is_sealed(state):
                 return await self._read_sealed(state, offset, size)
             blob = await self._partial(state)
             if not blob.has_chunk_digests:
@@ -122,20 +122,18 @@ class Materializer:
             if state.partial is blob:  # not replaced by a new chunk list meanwhile
                 return await blob.read(offset, size)
 
-    def _is_sealed(self, state: _BlobState) -> bool:
+    async def _is_sealed(self, state: _BlobState) -> bool:
         if state.sealed_fd >= 0:
             return True
         if state.sealing is not None and not state.sealing.is_set():
             return False  # being renamed into blobs/ right now
-        path = self._cache.store.blob_path(state.layer.digest)
+        layer = state.layer
+        if not await self._cache.adopt_sealed(layer.digest, layer.size):
+            return False
         try:
-            fd = os.open(path, os.O_RDONLY)
+            state.sealed_fd = os.open(self._cache.store.blob_path(layer.digest), os.O_RDONLY)
         except FileNotFoundError:
             return False
-        if os.fstat(fd).st_size != state.layer.size:
-            os.close(fd)
-            return False
-        state.sealed_fd = fd
         return True
 
     async def _read_sealed(self, state: _BlobState, offset: int, size: int) -> bytes:

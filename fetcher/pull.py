@@ -62,7 +62,7 @@ async def pull(name: ModelName, client: RegistryClient, cache: BlobCache, *,
     partials: list[tuple[PartialBlob, ChunkPlan]] = []
     try:
         for layer in layers:
-            if cache.is_sealed(layer.digest, layer.size):
+            if await cache.adopt_sealed(layer.digest, layer.size):
                 result.cached_bytes += layer.size
                 continue
             plan = await client.chunk_plan(name, layer, chunk_size)
@@ -82,7 +82,8 @@ async def pull(name: ModelName, client: RegistryClient, cache: BlobCache, *,
     finally:
         for blob, _ in partials:
             cache.release(blob)
-    cache.store.write_manifest(name.store_parts, manifest.raw)
+    # last, atomically, and off the loop (it fsyncs)
+    await trio.to_thread.run_sync(cache.store.write_manifest, name.store_parts, manifest.raw)
     return result
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import random
@@ -44,7 +45,9 @@ async def retrying(fn: Callable[[], Awaitable[T]], policy: RetryPolicy, what: st
             if not is_retryable(exc):
                 raise
             if attempt >= policy.attempts:
-                raise type(exc)(f"{exc} (gave up after {attempt} attempts)") from exc
+                final = copy.copy(exc)  # same class and status, a message that says why
+                final.args = (f"{exc} (gave up after {attempt} attempts)",)
+                raise final from exc
             delay = policy.delay(attempt, getattr(exc, "retry_after", None))
             level = logging.INFO if attempt == 1 else logging.WARNING
             log.log(level, "%s failed (%s); retry %d/%d in %.2fs",

@@ -17,6 +17,7 @@ import time
 
 import trio
 
+from modelfs.cache.chunks import DEFAULT_CHUNK_SIZE, MAX_CHUNK_BYTES
 from modelfs.cache.errors import ModelfsError
 from modelfs.fetcher import __version__
 
@@ -89,9 +90,14 @@ def _listen_arg(text: str) -> tuple[str, int]:
 def cmd_serve(args) -> int:
     from modelfs.fetcher import server
 
+    from modelfs.fetcher.groups import first_error
+
     host, port = args.listen
     if not args.models.is_dir():
         raise UsageError(f"models directory {args.models} does not exist")
+    if not server.MIN_CHUNK_SIZE <= args.chunk_size <= MAX_CHUNK_BYTES:
+        raise UsageError(f"--chunk-size must be between {server.MIN_CHUNK_SIZE >> 10}K and "
+                         f"{MAX_CHUNK_BYTES >> 20}M")
 
     async def main():
         async with trio.open_nursery() as nursery:
@@ -100,7 +106,11 @@ def cmd_serve(args) -> int:
                 state_dir=args.state_dir, task_status=task_status))
             print(f"serving {args.models} on http://{host}:{bound}", flush=True)
 
-    trio.run(main)
+    try:
+        with first_error():
+            trio.run(main)
+    except ValueError as exc:  # a bad state dir or chunk size, found by serve() itself
+        raise UsageError(str(exc)) from None
     return 0
 
 
@@ -156,6 +166,8 @@ def cmd_pull(args) -> int:
 
     registry = Registry.from_url(args.registry)
     name = parse_name(args.name, registry)
+    if args.chunk_size > MAX_CHUNK_BYTES:
+        raise UsageError(f"--chunk-size must be at most {MAX_CHUNK_BYTES >> 20}M")
     label = f"pulling {name.short(registry.host)}"
     progress = _BarProgress(label) if sys.stderr.isatty() else _LogProgress(label)
     started = time.monotonic()
@@ -239,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", type=_listen_arg, default=("127.0.0.1", 11435),
                    metavar="HOST:PORT", help="address to listen on (default 127.0.0.1:11435; "
                    "port 0 picks a free one)")
-    p.add_argument("--chunk-size", type=size_arg, default=8 << 20, metavar="SIZE",
+    p.add_argument("--chunk-size", type=size_arg, default=DEFAULT_CHUNK_SIZE, metavar="SIZE",
                    help="chunksums chunk size (default 8M)")
     p.add_argument("--state-dir", type=pathlib.Path, default=None,
                    help="where computed chunk lists are remembered (outside the models dir)")
@@ -252,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cache directory, an Ollama models dir (default $MODELFS_CACHE or "
                    "~/.cache/modelfs)")
     p.add_argument("--concurrency", type=int, default=8, help="chunks in flight (default 8)")
-    p.add_argument("--chunk-size", type=size_arg, default=8 << 20, metavar="SIZE",
+    p.add_argument("--chunk-size", type=size_arg, default=DEFAULT_CHUNK_SIZE, metavar="SIZE",
                    help="range size when the registry has no chunk list (default 8M)")
     p.set_defaults(func=cmd_pull)
 

@@ -20,6 +20,8 @@ class Seen:
     path: str
     range: str | None
     status: int | None = None
+    query: str = ""
+    user_agent: str | None = None
 
 
 Action = Callable[["Faults", dict, Callable, Callable], Awaitable[None]]
@@ -61,7 +63,9 @@ class Faults:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
-        seen = Seen(scope["method"], scope["raw_path"].decode(), headers.get("range"))
+        seen = Seen(scope["method"], scope["raw_path"].decode(), headers.get("range"),
+                    query=scope.get("query_string", b"").decode(),
+                    user_agent=headers.get("user-agent"))
         self.seen.append(seen)
 
         async def recording_send(message):
@@ -185,3 +189,14 @@ def serve_bytes(data: bytes, chunk_size: int) -> tuple[Action, Action]:
             faults, scope, receive, send)
 
     return chunksums, blob
+
+
+def require_auth(expected: str, challenge: str) -> Action:
+    """401 with `challenge` unless the request carries `Authorization: <expected>`."""
+    async def action(faults, scope, receive, send):
+        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        if headers.get("authorization") == expected:
+            return await faults.app(scope, receive, send)
+        await reply(401, b'{"errors":[{"code":"UNAUTHORIZED"}]}',
+                    {"www-authenticate": challenge})(faults, scope, receive, send)
+    return action

@@ -11,10 +11,11 @@ import trio
 from modelfs.cache.chunks import BadChunkList
 from modelfs.cache.errors import ChunkDigestMismatch, SealMismatch
 from modelfs.fetcher.errors import BadManifest, NotFound, ProtocolViolation, ShortBody
+from modelfs.fetcher.client import user_agent
 from modelfs.fetcher.pull import pull
 
 from . import faults as F
-from .conftest import sha256_file
+from .conftest import FAST_RETRY, sha256_file
 
 MiB = 1 << 20
 
@@ -63,6 +64,7 @@ async def test_round_trip_matches_source_and_ollama_layout(live_registry, cache,
             == reg.models.blob_path(imported.config.digest).read_bytes())
     assert list(cache.partial_dir.iterdir()) == []
     assert cache.index.digests() == []
+    assert {s.user_agent for s in reg.faults.seen} == {user_agent()}
     assert result.fetched_bytes == sum(layer.size for layer in layers)
 
     # A second pull of a sealed model fetches nothing but the manifest.
@@ -137,6 +139,9 @@ async def test_bad_chunk_answers_are_refused(live_registry, cache, client, fault
     assert manifest_of(cache, reg.name("bad")) is None
     stored = cache.index.load(d)
     assert stored is not None and not stored[2][2]  # the bad chunk is not present
+    asked = reg.faults.ranges(d).count("bytes=131072-196607")
+    # damaged or short answers are asked for again; a server that ignores Range is not
+    assert asked == (1 if error is ProtocolViolation else FAST_RETRY.attempts)
     # Once the server behaves, the next pull completes and fetches only what is missing.
     reg.faults.rules.clear()
     before = len(reg.faults.ranges(d))

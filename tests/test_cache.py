@@ -1,0 +1,161 @@
+"""The cache's one door, its durability order, the sealer, resume, and its own defences."""
+
+import hashlib
+import logging
+import os
+
+import pytest
+import trio
+
+from modelfs.cache.blobcache import BlobCache, CacheBusy
+from modelfs.cache.chunks import Chunk
+from modelfs.cache.errors import ChunkDigestMismatch, SealMismatch
+
+DATA = os.urandom(10_000)
+SIZE = len(DATA)
+
+
+def d(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def chunks_of(data: bytes, step: int = 1000) -> list[Chunk]:
+    return [Chunk(s, min(s + step, len(data)), d(data[s:s + step]))
+            for s in range(0, len(data), step)]
+
+
+DIGEST, CHUNKS = d(DATA), chunks_of(DATA)
+
+
+def piece(i: int) -> bytes:
+    c = CHUNKS[i]
+    return DATA[c.start:c.end]
+
+
+@pytest.fixture
+def cache(tmp_path):
+    c = BlobCache(tmp_path / "c")
+    yield c
+    c.close()
+
+
+async def test_out_of_order_chunks_seal_to_the_right_blob(cache):
+    blob = cache.open_partial(DIGEST, SIZE, CHUNKS)
+    order = [3, 9, 0, 1, 7, 2, 8, 4, 6, 5]
+    async with trio.open_nursery() as nursery:
+        for i in order:
+            nursery.start_soon(blob.put_chunk, i, piece(i))
+    path = await blob.seal()
+    assert path.read_bytes() == DATA
+    assert cache.is_sealed(DIGEST, SIZE)
+    assert cache.index.load(DIGEST) is None
+    assert not blob.path.exists()
+
+
+async def test_a_chunk_that_fails_its_digest_is_never_written(cache):
+    blob = cache.open_partial(DIGEST, SIZE, CHUNKS)
+    bad = bytearray(piece(4))
+    bad[0] ^= 1
+    with pytest.raises(ChunkDigestMismatch):
+        await blob.put_chunk(4, bytes(bad))
+    assert not blob.present[4] and not cache.index.load(DIGEST)[2][4]
+    with open(blob.path, "rb") as f:
+        f.seek(CHUNKS[4].start)
+        assert f.read(CHUNKS[4].length) == b"\0" * CHUNKS[4].length
+    with pytest.raises(ChunkDigestMismatch):
+        await blob.put_chunk(4, piece(4)[:-1])  # wrong length
+
+
+async def test_a_chunk_is_recorded_only_after_it_is_durable(cache, monkeypatch):
+    blob = cache.open_partial(DIGEST, SIZE, CHUNKS)
+    synced = []
+
+    def failing_fdatasync(fd):
+        synced.append(fd)
+        raise OSError(5, "I/O error")
+
+    monkeypatch.setattr(os, "fdatasync", failing_fdatasync)
+    with pytest.raises(OSError):
+        await blob.put_chunk(2, piece(2))
+    assert synced  # it did try to make the bytes durable first
+    assert not blob.present[2] and not cache.index.load(DIGEST)[2][2]
+    monkeypatch.undo()
+    await blob.put_chunk(2, piece(2))
+    assert cache.index.load(DIGEST)[2][2]
+
+
+async def test_resume_keeps_chunks_for_the_same_list_only(tmp_path):
+    cache = BlobCache(tmp_path / "c")
+    blob = cache.open_partial(DIGEST, SIZE, CHUNKS)
+    for i in (0, 5):
+        await blob.put_chunk(i, piece(i))
+    cache.close()
+
+    cache = BlobCache(tmp_path / "c")  # as after a restart
+    blob = cache.open_partial(DIGEST, SIZE, CHUNKS)
+    assert blob.missing() == [1, 2, 3, 4, 6, 7, 8, 9]
+    assert blob.cached_bytes() == 2000
+    for i in blob.missing():
+        await blob.put_chunk(i, piece(i))
+    assert (await blob.seal()).read_bytes() == DATA  # the sealer re-read the resumed chunks
+    cache.close()
+
+    cache = BlobCache(tmp_path / "c")
+    other = d(DATA[::-1])
+    blob = cache.open_partial(other, SIZE, chunks_of(DATA[::-1]))
+    await blob.put_chunk(0, DATA[::-1][:1000])
+    blob = cache.open_partial(other, SIZE, chunks_of(DATA[::-1], 2000))  # another list
+    assert blob.missing() == list(range(5))
+    cache.close()
+
+
+async def test_seal_mismatch_discards_everything(cache, caplog):
+    lying = chunks_of(DATA[:-1] + b"X")
+    blob = cache.open_partial(DIGEST, SIZE, lying)
+    forged = DATA[:-1] + b"X"
+    for i, c in enumerate(lying):
+        await blob.put_chunk(i, forged[c.start:c.end])
+    with caplog.at_level(logging.ERROR), pytest.raises(SealMismatch):
+        await blob.seal()
+    assert "SEAL MISMATCH" in caplog.text
+    assert not cache.store.blob_path(DIGEST).exists()
+    assert not blob.path.exists() and cache.index.load(DIGEST) is None
+
+
+async def test_a_blob_file_is_trusted_only_once_hashed(cache, caplog):
+    path = cache.store.blob_path(DIGEST)
+    path.write_bytes(DATA)  # put there by someone else: not sealed by us
+    assert not cache.is_sealed(DIGEST, SIZE)
+    assert await cache.adopt_sealed(DIGEST, SIZE)
+    assert cache.is_sealed(DIGEST, SIZE)
+    os.utime(path, ns=(1, 1))  # changed behind our back
+    assert not cache.is_sealed(DIGEST, SIZE)
+
+    other = d(b"y" * 100)
+    cache.store.blob_path(other).write_bytes(b"z" * 100)  # right size, wrong bytes
+    with caplog.at_level(logging.ERROR):
+        assert not await cache.adopt_sealed(other, 100)
+    assert "does not hash to its name" in caplog.text
+    assert not cache.store.blob_path(other).exists()
+
+
+def test_garbage_index_is_an_empty_cache(tmp_path, caplog):
+    root = tmp_path / "c"
+    root.mkdir()
+    (root / "index.sqlite").write_bytes(b"this is not a database" * 100)
+    (root / "partial").mkdir()
+    (root / "partial" / "sha256-" ).with_name("sha256-" + "a" * 64 + ".partial").write_bytes(b"x")
+    with caplog.at_level(logging.WARNING):
+        cache = BlobCache(root)
+    assert "unreadable" in caplog.text
+    assert cache.index.digests() == []
+    assert list((root / "partial").iterdir()) == []  # unknown partials are removed
+    cache.close()
+
+
+def test_one_process_per_cache(tmp_path):
+    first = BlobCache(tmp_path / "c")
+    with pytest.raises(CacheBusy, match=f"pid {os.getpid()}"):
+        BlobCache(tmp_path / "c")
+    first.close()
+    BlobCache(tmp_path / "c").close()
