@@ -6,9 +6,11 @@
 <mnt>/<host>/<namespace>/<model>:<tag>/    another registry host
 ```
 
-Which root entries are hosts: a name with a '.' or ':' before any port that is not a model,
-i.e. `example.com`, `localhost`, `127.0.0.1:5000` (a host with an all-digit port); other names
-with ':' are models, other names without are namespaces. Every part is validated by the model
+Which root entries are hosts: a name with a '.', or `localhost`, optionally with an all-digit
+port (`example.com`, `localhost:8080`, `127.0.0.1:5000`); other names with ':' are models
+(`qwen3:0.6b`), other names without are namespaces. Known ambiguity: a library model whose
+name has a dot and whose tag is all digits (`qwen2.5:7`) reads as a host at the root and cannot
+be reached there. Every part is validated by the model
 name grammar before anything else happens, so `..`, control characters and absurd lengths never
 reach the registry or the disk.
 
@@ -39,7 +41,8 @@ _FILE_NAMES = {
     "application/vnd.ollama.image.params": ("params", ".json"),
     "application/vnd.ollama.image.messages": ("messages", ".json"),
 }
-_HOST_PORT_RE = re.compile(r"[^:]+:\d+")
+# host:port at the root: a dotted name or localhost, then a port.
+_HOST_PORT_RE = re.compile(r"(?:[^:]*\.[^:]*|localhost):\d{1,5}")
 
 
 def layer_files(manifest: Manifest) -> list[tuple[str, Layer]]:

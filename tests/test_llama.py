@@ -53,8 +53,12 @@ def _find_wheel() -> pathlib.Path | None:
     if named:
         path = pathlib.Path(named)
         return path if path.is_file() else None
-    wheels = sorted(WHEEL_DIR.glob("llama_cpp_python-*.whl"))
-    return wheels[-1] if wheels else None
+    # `shared/` sits beside the checkout; a clone elsewhere (CI) looks up its parents too.
+    for base in (REPO, *REPO.parents):
+        wheels = sorted((base / "shared" / "wheels").glob("llama_cpp_python-*.whl"))
+        if wheels:
+            return wheels[-1]
+    return None
 
 
 def _tail(text: str, lines: int = 15) -> str:

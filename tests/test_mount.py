@@ -343,3 +343,38 @@ def test_cached_chunks_survive_a_remount(world):
         assert f.read(CHUNK) == first
     assert world["server"].ranges(model["digest"]).count(
         chunk_range(0, CHUNK, model["size"])) == 1
+
+
+def test_foreground_mount_logs_to_stderr_and_stops_on_sigint(world):
+    mnt = world["tmp"] / "fg"
+    mnt.mkdir()
+    proc = subprocess.Popen(MODELFS + ["mount", str(mnt), "--foreground", "--registry",
+                                       world["server"].url, "--cache",
+                                       str(world["tmp"] / "fg-cache"), "--model", "tiny:q1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().startswith("mounted")
+        assert (mnt / "tiny:q1" / "template").read_text() == "{{ .System }} {{ .Prompt }}"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=20)
+        assert proc.returncode == 0
+        assert "unmounted" in err and "modelfs.mount" in err  # its log went to stderr
+        assert not mounted(mnt)
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_mount_errors_are_one_line(world):
+    m = world["mount"]("--model", "nosuch:latest", check=False)
+    result = m.start(check=False)
+    assert result.returncode == 1
+    assert "not found" in result.stderr and "Traceback" not in result.stderr
+    assert not mounted(m.path)
+    busy = world["mount"]()
+    second = subprocess.run(MODELFS + ["mount", str(busy.path), "--registry",
+                                       world["server"].url, "--cache", str(busy.cache)],
+                            capture_output=True, text=True)
+    assert second.returncode == 1 and "already a mount point" in second.stderr
