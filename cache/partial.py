@@ -90,7 +90,8 @@ class PartialBlob:
                  limiter: trio.CapacityLimiter, durable: bool = True):
         self.digest, self.size = digest, size
         self.chunks = check_coverage(chunks, size)
-        self.present = present
+        self.present = present  # durable and recorded in the index
+        self.readable = list(present)  # verified and written (perhaps not durable yet)
         self.path, self.final_path = path, final_path
         self._index = index
         self._limiter = limiter
@@ -122,12 +123,18 @@ class PartialBlob:
 
     async def put_chunk(self, i: int, data) -> None:
         """Verify, write, make durable and record chunk `i`. Raises ChunkDigestMismatch."""
+        await self.write_chunk(i, data)
+        await self.commit_chunk(i, data)
+
+    async def write_chunk(self, i: int, data) -> bool:
+        """Verify chunk `i` and write it at its offset; from then on it may be read (it is
+        `readable`), though not yet durable or recorded. False if it was there already."""
         chunk = self.chunks[i]
         if len(data) != chunk.length:
             raise ChunkDigestMismatch(
                 f"chunk {i} of {self.digest[:19]}: got {len(data)} bytes, expected {chunk.length}")
-        if self.present[i]:
-            return
+        if self.readable[i]:
+            return False
         if chunk.digest is not None:
             actual = await trio.to_thread.run_sync(_sha256, data, limiter=self._limiter)
             if actual != chunk.digest:
@@ -136,6 +143,14 @@ class PartialBlob:
                     f"sha256 {actual[7:19]}... does not match its digest {chunk.digest[7:19]}...")
         await trio.to_thread.run_sync(_pwrite_all, self._fd, data, chunk.start,
                                       limiter=self._limiter)
+        self.readable[i] = True
+        return True
+
+    async def commit_chunk(self, i: int, data=None) -> None:
+        """Make chunk `i` durable (one fdatasync shared by every chunk waiting), record it in
+        the index, and feed the sealer (invariant 2: recorded only once durable)."""
+        if self.present[i]:
+            return
         if self._durable:
             await self._sync.wait_durable(self._sync.wrote())
         self.present[i] = True
@@ -213,6 +228,7 @@ class PartialBlob:
         """Drop every byte and the index rows (the fd stays open for reads in flight)."""
         self._index.forget(self.digest)
         self.present = [False] * len(self.chunks)
+        self.readable = [False] * len(self.chunks)
         await trio.to_thread.run_sync(_unlink_quietly, self.path, limiter=self._limiter)
 
 

@@ -5,22 +5,30 @@ EOF), fetching the chunks that cover them if they are missing, and only bytes wh
 verified (invariant 1). Reads of sealed blobs come straight from `blobs/`.
 
 Concurrency contract (trio thread only; file I/O goes through the cache's thread limiter):
-- Per blob, a `_BlobState` holds the partial blob, the URL to fetch from, and the chunks in
-  flight. One flight per chunk at a time, however many readers wait (single-flight,
-  invariant 5). A flight is a task in the mount's nursery, not in the reader's task: a reader
-  that gives up at its deadline does not cancel a fetch other readers wait for, and the fetch
-  finishes (or fails after its retries) on its own.
-- A failed flight hands its error to the readers waiting on it; the next read starts a new one.
+- Fetches are jobs in one `FetchQueue`, most urgent first: a reader's miss (DEMAND), the
+  window ahead of a sequential reader (WINDOW), the rest of an open model (BACKGROUND).
+  `workers` tasks in the mount's nursery run them; each takes the chunk's bytes from the
+  shared `ByteBudget` first, so memory is bounded by `max_inflight` whatever the number of
+  readers or the model size (invariant 8).
+- One flight per chunk at a time, however many readers wait (invariant 5). A flight belongs to
+  the mount's nursery, not to a reader: a reader that gives up at its deadline does not cancel
+  a fetch others wait for. A failed flight hands its error to the readers waiting on it; the
+  next read queues a new one.
+- A chunk is served as soon as it is verified and written (`readable`); it is made durable and
+  recorded in the index right after, with one fdatasync shared by the chunks that wait for it.
+- Recently fetched chunks stay in memory (`memory_cache` bytes) so that the stream of small
+  reads behind them is answered without a disk read or a thread hop.
 - Chunk lists come from the index when the blob was seen before (no network needed to read
   cached chunks); the registry is asked for the URL and list only when a chunk must be fetched.
-- When the last chunk lands, the blob is sealed once (`_seal`); a seal mismatch quarantines the
-  blob: reads fail for `quarantine_seconds`, then it is fetched again from scratch.
+- When the last chunk lands, the blob is sealed once; a seal mismatch quarantines the blob:
+  reads fail for `quarantine_seconds`, then it is fetched again from scratch.
 - Blobs the registry gives no chunk digests for are fetched whole and sealed before any byte
   is served.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import os
@@ -29,13 +37,15 @@ from typing import Callable
 import trio
 
 from modelfs.cache.blobcache import BlobCache
+from modelfs.cache.chunks import DEFAULT_CHUNK_SIZE
 from modelfs.cache.errors import ModelfsError, SealMismatch
 from modelfs.cache.partial import PartialBlob, _pread_exact
 
-from .client import DEFAULT_CHUNK_SIZE, RegistryClient
+from .client import RegistryClient
 from .manifest import Layer
 from .names import ModelName
 from .pull import fetch_chunk
+from .scheduler import BACKGROUND, DEMAND, WINDOW, ByteBudget, FetchQueue
 
 log = logging.getLogger(__name__)
 
@@ -66,21 +76,56 @@ class _BlobState:
     sealed_fd: int = -1
     quarantined_until: float = 0.0
     seal_error: BaseException | None = None
+    open_handles: int = 0
+    background: bool = False
+    completed: trio.Event = dataclasses.field(default_factory=trio.Event)  # all committed
+
+
+class MemoryCache:
+    """Recently fetched chunk bytes, least recently used out first, at most `limit` bytes."""
+
+    def __init__(self, limit: int):
+        self.limit, self.size = limit, 0
+        self._items: collections.OrderedDict = collections.OrderedDict()
+
+    def get(self, key):
+        data = self._items.get(key)
+        if data is not None:
+            self._items.move_to_end(key)
+        return data
+
+    def put(self, key, data) -> None:
+        if len(data) > self.limit or key in self._items:
+            return
+        self._items[key] = data
+        self.size += len(data)
+        while self.size > self.limit:
+            _, old = self._items.popitem(last=False)
+            self.size -= len(old)
+
+    def drop(self, digest: str) -> None:
+        for key in [k for k in self._items if k[0] == digest]:
+            self.size -= len(self._items.pop(key))
 
 
 class Materializer:
     def __init__(self, client: RegistryClient, cache: BlobCache, nursery: trio.Nursery, *,
-                 max_fetches: int = 8, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                 quarantine_seconds: float = 30.0,
-                 on_sealed: Callable[[str], None] | None = None):
+                 workers: int = 8, max_inflight: int = 64 << 20, memory_cache: int = 32 << 20,
+                 chunk_size: int = DEFAULT_CHUNK_SIZE, quarantine_seconds: float = 30.0,
+                 background: bool = True, on_sealed: Callable[[str], None] | None = None):
         self._client, self._cache, self._nursery = client, cache, nursery
-        self._limiter = trio.CapacityLimiter(max_fetches)
+        self._queue = FetchQueue()
+        self.budget = ByteBudget(max_inflight)
+        self._memory = MemoryCache(memory_cache)
         self._chunk_size = chunk_size
         self._quarantine_seconds = quarantine_seconds
+        self._background = background
         self._on_sealed = on_sealed or (lambda digest: None)
         self.cache_root = cache.root
         self._states: dict[str, _BlobState] = {}
         self.fetches = 0  # chunk fetches started (statistics)
+        for _ in range(max(1, workers)):
+            nursery.start_soon(self._worker)
 
     def close(self) -> None:
         for state in self._states.values():
@@ -97,9 +142,34 @@ class Materializer:
             state = self._states[layer.digest] = _BlobState(name, layer)
         return state
 
+    # -- open files ---------------------------------------------------------------------------
+
+    def opened(self, name: ModelName, layer: Layer) -> None:
+        self._state(name, layer).open_handles += 1
+
+    def closed(self, layer: Layer) -> None:
+        """The last handle of a blob closed: its background fetch stops (what a window or a
+        reader already asked for still completes)."""
+        state = self._states.get(layer.digest)
+        if state is None:
+            return
+        state.open_handles -= 1
+        if state.open_handles <= 0 and state.background:
+            state.background = False
+            for i in range(len(state.partial.chunks) if state.partial else 0):
+                job = self._queue.job((layer.digest, i))
+                if job is not None and job.priority == BACKGROUND and not job.running:
+                    self._queue.cancel(job.key)
+                    flight = state.flights.pop(i, None)
+                    if flight is not None:
+                        flight.done.set()
+
     # -- reading ----------------------------------------------------------------------------
 
-    async def read(self, name: ModelName, layer: Layer, offset: int, size: int) -> bytes:
+    async def read(self, name: ModelName, layer: Layer, offset: int, size: int, *,
+                   ahead: tuple[int, int] | None = None, whole: bool = False) -> bytes:
+        """Bytes [offset, offset+size) of `layer`. `ahead`: a byte range to fetch ahead of
+        the reader; `whole`: the rest of the blob too, in the background."""
         if offset >= layer.size or size <= 0:
             return b""
         size = min(size, layer.size - offset)
@@ -116,17 +186,40 @@ class Materializer:
                 continue
             chunks = blob.chunk_range(offset, size)
             for i in chunks:
-                self._start(state, blob, i)
+                self._want(state, blob, i, DEMAND)
+            if ahead is not None and ahead[1] > ahead[0]:
+                end = min(ahead[1], layer.size)
+                if end > ahead[0]:
+                    for i in blob.chunk_range(ahead[0], end - ahead[0]):
+                        self._want(state, blob, i, WINDOW)
+            if whole and self._background and not state.background and state.open_handles:
+                state.background = True
+                for i in blob.missing():
+                    self._want(state, blob, i, BACKGROUND)
             for i in chunks:
                 await self._wait_chunk(state, i)
             if state.partial is blob:  # not replaced by a new chunk list meanwhile
-                return await blob.read(offset, size)
+                return await self._read_chunks(blob, chunks, offset, size)
+
+    async def _read_chunks(self, blob: PartialBlob, chunks: range, offset: int,
+                           size: int) -> bytes:
+        parts = []
+        end = offset + size
+        for i in chunks:
+            chunk = blob.chunks[i]
+            lo, hi = max(offset, chunk.start), min(end, chunk.end)
+            data = self._memory.get((blob.digest, i))
+            if data is not None:
+                parts.append(memoryview(data)[lo - chunk.start:hi - chunk.start])
+            else:
+                parts.append(await blob.read(lo, hi - lo))
+        return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
 
     async def _is_sealed(self, state: _BlobState) -> bool:
         if state.sealed_fd >= 0:
             return True
-        if state.sealing is not None and not state.sealing.is_set():
-            return False  # being renamed into blobs/ right now
+        if state.partial is not None and not state.partial.sealed:
+            return False  # in progress here: only our own seal moves it into blobs/
         layer = state.layer
         if not await self._cache.adopt_sealed(layer.digest, layer.size):
             return False
@@ -134,6 +227,7 @@ class Materializer:
             state.sealed_fd = os.open(self._cache.store.blob_path(layer.digest), os.O_RDONLY)
         except FileNotFoundError:
             return False
+        self._memory.drop(layer.digest)
         return True
 
     async def _read_sealed(self, state: _BlobState, offset: int, size: int) -> bytes:
@@ -161,7 +255,7 @@ class Materializer:
             if state.url is None:
                 layer = state.layer
                 plan = await self._client.chunk_plan(state.name, layer, self._chunk_size,
-                                                         WHOLE_UP_TO)
+                                                      WHOLE_UP_TO)
                 if state.partial is None or plan.chunks != state.partial.chunks:
                     log.info("registry changed the chunk list of %s; starting it over",
                              layer.digest[:19])
@@ -172,23 +266,47 @@ class Materializer:
 
     # -- fetching ---------------------------------------------------------------------------
 
-    def _start(self, state: _BlobState, blob: PartialBlob, i: int) -> None:
-        if blob.present[i] or i in state.flights:
+    def _want(self, state: _BlobState, blob: PartialBlob, i: int, priority: int) -> None:
+        """Make sure chunk `i` is on its way, at least at `priority`."""
+        if blob.readable[i]:
             return
-        flight = state.flights[i] = _Flight()
-        self._nursery.start_soon(self._fetch, state, i, flight)
+        if i not in state.flights:
+            state.flights[i] = _Flight()
+        self._queue.push((state.layer.digest, i), priority, (state, i))
 
-    async def _fetch(self, state: _BlobState, i: int, flight: _Flight) -> None:
+    async def _worker(self) -> None:
+        while True:
+            job = await self._queue.get()
+            state, i = job.payload
+            try:
+                await self._run(state, i)
+            finally:
+                self._queue.done(job)
+
+    async def _run(self, state: _BlobState, i: int) -> None:
+        flight = state.flights.setdefault(i, _Flight())
+        blob = state.partial
         try:
-            async with self._limiter:
+            if blob is None:
+                raise Quarantined(f"blob {state.layer.digest[:19]} was discarded")
+            length = blob.chunks[i].length
+            await self.budget.acquire(length)
+            try:
                 url = await self._url(state)
                 blob = state.partial
-                if blob is None:
-                    raise Quarantined(f"blob {state.layer.digest[:19]} was discarded")
-                if not blob.present[i]:
+                data = None
+                if not blob.readable[i]:
                     self.fetches += 1
-                    await fetch_chunk(self._client, blob, url, i)
+                    data = await fetch_chunk(self._client, blob, url, i, commit=False)
+                    self._memory.put((blob.digest, i), data)
+                if state.flights.get(i) is flight:
+                    del state.flights[i]
+                flight.done.set()  # verified and written: readers may go on
+                await blob.commit_chunk(i, data)
+            finally:
+                self.budget.release(length)
             if blob.complete:
+                state.completed.set()
                 self._seal_soon(state, blob)
         except Exception as exc:  # handed to the readers waiting on this flight
             flight.error = exc
@@ -203,21 +321,24 @@ class Materializer:
             blob = state.partial
             if blob is None:
                 raise Quarantined(f"blob {state.layer.digest[:19]} was discarded")
-            if blob.present[i]:
+            if blob.readable[i]:
                 return
             flight = state.flights.get(i)
             if flight is None:
-                self._start(state, blob, i)
+                self._want(state, blob, i, DEMAND)
                 continue
+            self._queue.push((state.layer.digest, i), DEMAND, (state, i))  # promote
             await flight.done.wait()
-            if flight.error is not None and not (state.partial and state.partial.present[i]):
+            if flight.error is not None and not (state.partial and state.partial.readable[i]):
                 raise flight.error
 
     async def _fetch_whole(self, state: _BlobState, blob: PartialBlob) -> None:
         for i in blob.missing():
-            self._start(state, blob, i)
+            self._want(state, blob, i, DEMAND)
         for i in range(len(blob.chunks)):
             await self._wait_chunk(state, i)
+        if not blob.complete:  # written, not yet durable: the workers are committing
+            await state.completed.wait()
         done = self._seal_soon(state, blob)
         await done.wait()
         if not blob.sealed:
@@ -238,7 +359,9 @@ class Materializer:
             # The chunk list lied: distrust it, refuse reads for a while, then start over.
             state.seal_error = exc
             state.partial, state.url = None, None
+            state.completed = trio.Event()
             state.quarantined_until = trio.current_time() + self._quarantine_seconds
+            self._memory.drop(state.layer.digest)
         except Exception as exc:
             state.seal_error = exc
             log.exception("sealing %s failed", state.layer.digest[:19])

@@ -113,13 +113,20 @@ async def _fetch_all(jobs: list[_Job], client: RegistryClient, concurrency: int,
                     nursery.start_soon(work, receive.clone())
 
 
-async def fetch_chunk(client: RegistryClient, blob: PartialBlob, url: str, index: int) -> None:
-    """Fetch chunk `index` and put it through the cache's verifying door, with retries."""
+async def fetch_chunk(client: RegistryClient, blob: PartialBlob, url: str, index: int, *,
+                      commit: bool = True):
+    """Fetch chunk `index` and put it through the cache's verifying door, with retries.
+    With `commit=False` the chunk is verified and written but the caller makes it durable
+    (`blob.commit_chunk`), so readers can be answered before the fdatasync. Returns the bytes."""
     chunk = blob.chunks[index]
 
     async def once():
         data = await client.fetch_range(url, chunk.start, chunk.end, blob.size)
-        await blob.put_chunk(index, data)
+        await blob.write_chunk(index, data)
+        return data
 
-    await retrying(once, client.config.retry,
-                   f"chunk {index} ({chunk.start}-{chunk.end - 1}) of {blob.digest[:19]}")
+    data = await retrying(once, client.config.retry,
+                          f"chunk {index} ({chunk.start}-{chunk.end - 1}) of {blob.digest[:19]}")
+    if commit:
+        await blob.commit_chunk(index, data)
+    return data

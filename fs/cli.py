@@ -8,6 +8,7 @@ models, unreachable registries, verification failures); 2 bad usage; 130 interru
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -95,6 +96,15 @@ def cmd_serve(args) -> int:
     host, port = args.listen
     if not args.models.is_dir():
         raise UsageError(f"models directory {args.models} does not exist")
+    if args.export is not None:
+        from modelfs.fetcher.export import export_tree
+
+        stats = trio.run(functools.partial(
+            export_tree, args.models, args.export, chunk_size=args.chunk_size,
+            state_dir=args.state_dir))
+        print(f"exported {stats.manifests} manifests and {stats.blobs} blobs of {args.models} "
+              f"as a static registry tree in {args.export}")
+        return 0
     if not server.MIN_CHUNK_SIZE <= args.chunk_size <= MAX_CHUNK_BYTES:
         raise UsageError(f"--chunk-size must be between {server.MIN_CHUNK_SIZE >> 10}K and "
                          f"{MAX_CHUNK_BYTES >> 20}M")
@@ -208,7 +218,8 @@ def cmd_mount(args) -> int:
     opts = MountOptions(mountpoint=args.mountpoint.resolve(), cache=args.cache.resolve(),
                         registry=registry, models=list(args.model),
                         read_timeout=args.read_timeout, allow_other=args.allow_other,
-                        max_fetches=args.max_fetches)
+                        max_fetches=args.max_fetches, max_inflight=args.max_inflight,
+                        prefetch=args.prefetch)
     if args.foreground:
         return run_foreground(opts)
     return run_background(opts, opts.cache / "mount.log")
@@ -255,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="chunksums chunk size (default 8M)")
     p.add_argument("--state-dir", type=pathlib.Path, default=None,
                    help="where computed chunk lists are remembered (outside the models dir)")
+    p.add_argument("--export", type=pathlib.Path, default=None, metavar="DIR",
+                   help="instead of serving, write the models dir as a static registry tree "
+                   "(v2/<ns>/<model>/manifests|blobs|chunksums/...) for any web server or CDN")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("pull", help="fetch every layer of a model into the cache, verified")
@@ -281,7 +295,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--read-timeout", type=float, default=60.0, metavar="SECONDS",
                    help="a read that cannot be served in this time fails with EIO (default 60)")
     p.add_argument("--max-fetches", type=int, default=8, metavar="N",
-                   help="chunk fetches in flight (default 8)")
+                   help="chunk fetches in flight at most (default 8)")
+    p.add_argument("--max-inflight", type=size_arg, default=64 << 20, metavar="SIZE",
+                   help="bytes of chunk data in flight at most, all files together "
+                   "(default 64M): bounds the daemon's memory")
+    p.add_argument("--prefetch", choices=("auto", "sequential", "none"), default="auto",
+                   help="auto: a window ahead of sequential readers, plus the rest of an open "
+                   "model in the background; sequential: the window only; none: only what is "
+                   "read (default auto)")
     p.add_argument("--allow-other", action="store_true",
                    help="let other users read the mount (e.g. an ollama service user)")
     p.set_defaults(func=cmd_mount)

@@ -48,6 +48,8 @@ class MountOptions:
     read_timeout: float = 60.0
     allow_other: bool = False
     max_fetches: int = 8
+    max_inflight: int = 64 << 20
+    prefetch: str = "auto"
 
 
 # -- the kernel's view of mounts ------------------------------------------------------------
@@ -204,10 +206,11 @@ async def _serve(opts, cache, client, nursery, ready, state) -> None:
                     cache.is_sealed(b.digest, b.size) for b in layers):
                 nursery.start_soon(_quietly, complete, name, manifest)
 
-    materializer = Materializer(client, cache, nursery, max_fetches=opts.max_fetches,
-                                on_sealed=on_sealed)
+    materializer = Materializer(client, cache, nursery, workers=opts.max_fetches,
+                                max_inflight=opts.max_inflight,
+                                background=opts.prefetch == "auto", on_sealed=on_sealed)
     ops = ModelOps(tree, resolver, materializer, cache_root=cache.root,
-                   read_timeout=opts.read_timeout)
+                   read_timeout=opts.read_timeout, prefetch=opts.prefetch)
     await nursery.start(_watch_signals)
     pyfuse3.init(ops, str(opts.mountpoint), fuse_options(opts))
     state["mounted"] = True

@@ -4,10 +4,16 @@ materializer reads. No HTTP here, no file bytes of our own: see fetcher.material
 Concurrency contract: pyfuse3 runs every request as a trio task on one thread; handlers change
 the tree and the handle table only between awaits, so those changes need no locks. Reads wait
 for chunks under `read_timeout` (invariant 10); every handler is wrapped by `fuse_errors`.
+
+Prefetch (`--prefetch`): `sequential` keeps a cursor per open handle and asks for a growing
+window of chunks ahead of a sequential reader; `auto` also fetches the rest of a blob in the
+background, at the lowest priority, from the first read of a handle until its last handle
+closes (engines read a model whole); `none` fetches only what is read.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import itertools
 import logging
@@ -19,6 +25,7 @@ import pyfuse3
 import trio
 
 from modelfs.fetcher.materializer import Materializer
+from modelfs.fetcher.prefetch import Cursor, PrefetchConfig
 from modelfs.fetcher.resolver import ModelResolver
 
 from .errors import fuse_errors
@@ -34,18 +41,32 @@ BLOCK_SIZE = 128 << 10
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 
 
+PREFETCH_MODES = ("auto", "sequential", "none")
+
+
+@dataclasses.dataclass
+class _Handle:
+    node: Node
+    cursor: Cursor
+
+
 class ModelOps(pyfuse3.Operations):
     def __init__(self, tree: Tree, resolver: ModelResolver, materializer: Materializer, *,
                  cache_root: os.PathLike, read_timeout: float = 60.0,
-                 lookup_timeout: float = 30.0):
+                 lookup_timeout: float = 30.0, prefetch: str = "auto",
+                 prefetch_config: PrefetchConfig = PrefetchConfig()):
         super().__init__()
+        if prefetch not in PREFETCH_MODES:
+            raise ValueError(f"prefetch mode {prefetch!r} is not one of {PREFETCH_MODES}")
+        self.prefetch = prefetch
+        self.prefetch_config = prefetch_config
         self.cache_root = cache_root
         self.tree = tree
         self.resolver = resolver
         self.materializer = materializer
         self.read_timeout = read_timeout
         self.lookup_timeout = lookup_timeout
-        self._handles: dict[int, Node] = {}
+        self._handles: dict[int, _Handle] = {}
         self._fh = itertools.count(1)
         self._uid, self._gid = os.getuid(), os.getgid()
 
@@ -155,24 +176,32 @@ class ModelOps(pyfuse3.Operations):
         if flags & _WRITE_FLAGS:
             raise pyfuse3.FUSEError(errno.EROFS)
         fh = next(self._fh)
-        self._handles[fh] = node
+        self._handles[fh] = _Handle(node, Cursor(self.prefetch_config))
+        if node.layer is not None:
+            self.materializer.opened(node.model, node.layer)
         # Content-addressed and immutable: the kernel may keep its page cache across opens
         # (without it, each open drops the pages an mmap'ed model was read into).
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     @fuse_errors
     async def read(self, fh, off, size):
-        node = self._handles.get(fh)
-        if node is None:
+        handle = self._handles.get(fh)
+        if handle is None:
             raise pyfuse3.FUSEError(errno.EBADF)
+        node = handle.node
         if node.data is not None:
             return node.data[off:off + size]
+        ahead = handle.cursor.advance(off, size) if self.prefetch != "none" else None
+        whole = self.prefetch == "auto"
         with trio.fail_after(self.read_timeout):
-            return await self.materializer.read(node.model, node.layer, off, size)
+            return await self.materializer.read(node.model, node.layer, off, size,
+                                                ahead=ahead, whole=whole)
 
     @fuse_errors
     async def release(self, fh):
-        self._handles.pop(fh, None)
+        handle = self._handles.pop(fh, None)
+        if handle is not None and handle.node.layer is not None:
+            self.materializer.closed(handle.node.layer)
 
     @fuse_errors
     async def write(self, fh, off, buf):

@@ -33,7 +33,13 @@ class BrokenMaterializer:
     def cached_bytes(self, layer):
         return 0
 
-    async def read(self, name, layer, offset, size):
+    def opened(self, name, layer):
+        pass
+
+    def closed(self, layer):
+        pass
+
+    async def read(self, name, layer, offset, size, **prefetch):
         raise KeyError("unexpected")
 
 
