@@ -52,6 +52,7 @@ from modelfs.cache.store import ModelsDir, atomic_write, fsync_dir
 
 from .chunksum_store import BlobChanged, BlobCorrupt, ChunksumStore, default_state_dir
 from .errors import BadManifest
+from .groups import first_error
 from .manifest import Layer, parse_manifest
 from .names import DEFAULT_HOST, validate_part
 
@@ -303,9 +304,10 @@ class _Exporter:
                 except _Skip as exc:
                     problems.append(str(exc))
 
-        async with trio.open_nursery() as nursery:
-            for layer in manifest.blobs():
-                nursery.start_soon(one, layer)
+        with first_error():  # an OSError writing the tree stops the export as itself
+            async with trio.open_nursery() as nursery:
+                for layer in manifest.blobs():
+                    nursery.start_soon(one, layer)
         if problems:
             raise _Skip("; ".join(sorted(problems)))
         for outcome, size in blob_stats:

@@ -219,7 +219,7 @@ def cmd_mount(args) -> int:
                         registry=registry, models=list(args.model),
                         read_timeout=args.read_timeout, allow_other=args.allow_other,
                         max_fetches=args.max_fetches, max_inflight=args.max_inflight,
-                        prefetch=args.prefetch)
+                        prefetch=args.prefetch, readahead=args.readahead)
     if args.foreground:
         return run_foreground(opts)
     return run_background(opts, opts.cache / "mount.log")
@@ -303,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: a window ahead of sequential readers, plus the rest of an open "
                    "model in the background; sequential: the window only; none: only what is "
                    "read (default auto)")
+    p.add_argument("--readahead", type=size_arg, default=4 << 20, metavar="SIZE",
+                   help="the kernel's readahead window for the mount (default 4M; root only): "
+                   "large sequential reads and mmap arrive as 1 MiB requests")
     p.add_argument("--allow-other", action="store_true",
                    help="let other users read the mount (e.g. an ollama service user)")
     p.set_defaults(func=cmd_mount)

@@ -270,6 +270,14 @@ async def test_corrupt_or_missing_blobs_skip_only_their_model(world):
         await _export(world)
 
 
+async def test_unwritable_tree_is_one_plain_error(world):
+    (world["dest"] / "v2" / "library").mkdir(parents=True)
+    (world["dest"] / "v2" / "library" / "tiny").write_text("not a directory")
+    with pytest.raises(OSError):  # itself, not wrapped in an exception group
+        await _export(world)
+    assert not list(world["dest"].rglob(".tmp-*"))
+
+
 def test_cli_export(world):
     cmd = MODELFS + ["serve", "--models", str(world["models"]), "--export", str(world["dest"]),
                      "--state-dir", str(world["state"]), "--chunk-size", "1M"]

@@ -1,0 +1,637 @@
+"""modelfs benchmark: a mount and a pull against download-then-verify, side by side.
+
+Run it through `scripts/bench`, which sets up the .venv and installs nginx-light, curl and openssl
+first. What it does:
+
+1. Makes a model of `--size` bytes (a real GGUF from tests/gguf_factory, imported with
+   `modelfs import` as bench/blob:latest) in WORKDIR/models, exports the models dir with
+   `modelfs serve --export` and serves the tree with nginx on 127.0.0.1 (nginx in the
+   foreground as our child; config, logs and temp files in WORKDIR/nginx).
+2. Measures, `--runs` times each, dropping the page cache (`sync; echo 3 > drop_caches`) before
+   every case so that every byte comes from the disk at least once:
+     1  download-then-verify: `curl -s -o FILE URL && openssl dgst -sha256 FILE`
+     2  `modelfs pull` into an empty cache
+     3  cold sequential read through a fresh mount with an empty cache (`dd bs=1M`)
+     4  time to the first MiB through a fresh mount with an empty cache (`dd bs=1M count=1`)
+     5  warm read: the cache left full by case 3, a fresh mount (`dd bs=1M`)
+     6  the blob read from the local disk (`dd bs=1M` of the models dir's blob file)
+     7  peak RSS of the mount daemon during case 3 (its VmHWM read just before unmounting,
+        and the largest VmRSS sampled during the read)
+3. Prints the median of each case in seconds and MB/s (10^6 bytes/s), then the ratios against
+   the targets of issue 4, and with `--json FILE` writes every raw row.
+
+Everything it starts is stopped on the way out, also on Ctrl-C, SIGTERM or an error: mounts are
+unmounted (`fusermount3 -u -z`) and their daemons killed if they linger, nginx is stopped by its
+pid, and WORKDIR is deleted unless `--keep` (a kept WORKDIR's model and export are reused by the
+next run of the same `--size`). WORKDIR must not be on tmpfs: the cold cases must read a disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import pathlib
+import re
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from modelfs.fs.sizes import format_size, size_arg  # noqa: E402
+
+MiB = 1 << 20
+MODEL = "bench/blob:latest"
+MODEL_PATH = ("bench", "blob:latest", "model.gguf")  # below the mountpoint
+MARKER = ".modelfs-bench"
+CASES = {
+    1: "download+verify (curl, openssl sha256)",
+    2: "modelfs pull, empty cache",
+    3: "cold read, fresh mount, empty cache",
+    4: "first MiB, fresh mount, empty cache",
+    5: "warm read, fresh mount, full cache",
+    6: "local disk read of the blob",
+}
+# (name, numerator case, denominator case, target, how the value is shown)
+RATIOS = [
+    ("case3/case1", 3, 1, 1.0, "x"),
+    ("case2/case1", 2, 1, 0.9, "x"),
+    ("case4/case3", 4, 3, 0.02, "%"),
+    ("case5/case6", 5, 6, 2.0, "x"),
+]
+RSS_TARGET_MIB = 256
+
+
+class BenchError(Exception):
+    pass
+
+
+class Interrupted(BaseException):
+    """SIGTERM/SIGHUP: unwind through the cleanup like Ctrl-C."""
+
+
+def log(msg: str) -> None:
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+# --- the machine --------------------------------------------------------------------------------
+
+
+def _mounts() -> list[tuple[str, str]]:
+    """(mount point, fs type) of every mount, octal escapes decoded."""
+    out = []
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            fields = line.split()
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1])
+            out.append((point, fields[2]))
+    return out
+
+
+def fs_type(path: pathlib.Path) -> str:
+    path = path.resolve()
+    while not path.exists():
+        path = path.parent
+    best, kind = "", "?"
+    for point, fstype in _mounts():
+        if (str(path) == point or str(path).startswith(point.rstrip("/") + "/")) \
+                and len(point) >= len(best):
+            best, kind = point, fstype
+    return kind
+
+
+def mounted_under(root: pathlib.Path) -> list[pathlib.Path]:
+    root = str(root.resolve())
+    return [pathlib.Path(p) for p, _ in _mounts() if p == root or p.startswith(root + "/")]
+
+
+def free_bytes(path: pathlib.Path) -> int:
+    while not path.exists():
+        path = path.parent
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmHWM/VmRSS of a process in KiB (empty if it is gone)."""
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("VmHWM", "VmRSS"):
+                    out[key] = int(value.split()[0])
+    except OSError:
+        pass
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def find_tool(name: str) -> str:
+    found = shutil.which(name) or shutil.which(name, path="/usr/local/sbin:/usr/sbin:/sbin")
+    if not found:
+        raise BenchError(f"{name} is not installed (scripts/bench installs it with apt-get)")
+    return found
+
+
+# --- the benchmark ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Row:
+    run: int
+    case: int
+    name: str
+    seconds: float
+    bytes: int
+
+    @property
+    def mb_s(self) -> float:
+        return self.bytes / 1e6 / self.seconds if self.seconds > 0 else float("inf")
+
+
+@dataclasses.dataclass
+class RssRow:
+    run: int
+    vm_hwm_kib: int
+    max_vm_rss_kib: int
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.work: pathlib.Path = args.workdir.resolve()
+        self.modelfs = self._modelfs_cmd()
+        self.nginx_bin = find_tool("nginx")
+        self.curl = find_tool("curl")
+        self.openssl = find_tool("openssl")
+        self.dd_bin = find_tool("dd")
+        self.fusermount = find_tool("fusermount3")
+        self.mount_args = shlex.split(args.mount_args or "")
+        self.pull_args = shlex.split(args.pull_args or "")
+        self.nginx: subprocess.Popen | None = None
+        self.url = ""
+        self.daemons: dict[pathlib.Path, int | None] = {}  # mountpoint -> daemon pid
+        self.rows: list[Row] = []
+        self.rss: list[RssRow] = []
+        self.created_work = False
+        self.digest = ""
+        self.blob_size = 0
+        self.blob_path: pathlib.Path | None = None
+        self.drop_ok = True
+
+    @staticmethod
+    def _modelfs_cmd() -> list[str]:
+        exe = REPO / ".venv" / "bin" / "modelfs"
+        return [str(exe)] if exe.exists() else [sys.executable, "-m", "modelfs.fs.cli"]
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def run(self, cmd: list[str], timeout: float | None = None, check: bool = True,
+            **kw) -> subprocess.CompletedProcess:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+        if check and result.returncode != 0:
+            raise BenchError(f"{shlex.join(cmd)} failed ({result.returncode}):\n"
+                             f"{(result.stderr or result.stdout).strip()[-2000:]}")
+        return result
+
+    def timeout_for(self, nbytes: int) -> float:
+        return 120 + nbytes / (2 * 10**6)  # anything slower than 2 MB/s is broken, not slow
+
+    def drop_caches(self) -> None:
+        os.sync()
+        if self.args.no_drop_caches:
+            return
+        try:
+            with open("/proc/sys/vm/drop_caches", "w") as f:
+                f.write("3\n")
+        except OSError as exc:
+            raise BenchError(f"cannot drop the page cache ({exc.strerror}): run as root, or "
+                             "pass --no-drop-caches (then the cold cases are not cold)") from None
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def prepare_workdir(self) -> None:
+        kind = fs_type(self.work)
+        if kind in ("tmpfs", "ramfs") and not self.args.allow_tmpfs:
+            raise BenchError(f"{self.work} is on {kind}: the cold cases must read a disk; "
+                             "pass --workdir on a disk (e.g. under /var/tmp)")
+        if self.work.exists():
+            if any(self.work.iterdir()) and not (self.work / MARKER).exists():
+                raise BenchError(f"{self.work} exists, is not empty and was not made by this "
+                                 "benchmark; choose another --workdir")
+            for stale in mounted_under(self.work):  # left by a run that was killed
+                log(f"unmounting stale mount {stale}")
+                subprocess.run([self.fusermount, "-u", "-z", str(stale)], capture_output=True)
+            for child in self.work.iterdir():  # keep only a reusable model and export
+                if child.name not in ("models", "export", "state", MARKER):
+                    _remove(child)
+        else:
+            self.work.mkdir(parents=True)
+        self.created_work = True
+        (self.work / MARKER).write_text("made by modelfs scripts/bench; deleted when it ends\n")
+        need = 4 * self.args.size + (1 << 30)
+        if free_bytes(self.work) < need:
+            raise BenchError(f"{self.work} has {format_size(free_bytes(self.work))} free; "
+                             f"the benchmark needs about {format_size(need)}")
+
+    def make_model(self) -> None:
+        models = self.work / "models"
+        stamp = models / ".bench-stamp"
+        manifest = models / "manifests" / "registry.ollama.ai" / "bench" / "blob" / "latest"
+        want = f"size={self.args.size} seed={self.args.seed}\n"
+        if not (stamp.exists() and stamp.read_text() == want and manifest.exists()):
+            for d in ("models", "export", "state"):
+                _remove(self.work / d)
+            from tests.gguf_factory import make_gguf_of_size
+            source = self.work / "source.gguf"
+            log(f"generating a {format_size(self.args.size)} GGUF")
+            t = time.monotonic()
+            make_gguf_of_size(source, self.args.size, seed=self.args.seed)
+            log(f"  {time.monotonic() - t:.1f}s; importing it as {MODEL}")
+            self.run(self.modelfs + ["import", str(source), MODEL, "--models", str(models)],
+                     timeout=self.timeout_for(3 * self.args.size))
+            source.unlink()
+            stamp.write_text(want)
+        doc = json.loads(manifest.read_bytes())
+        layer = next(x for x in doc["layers"] if x["mediaType"].endswith(".model"))
+        self.digest, self.blob_size = layer["digest"], layer["size"]
+        self.blob_path = models / "blobs" / self.digest.replace(":", "-")
+        log(f"exporting {models} with `modelfs serve --export`")
+        t = time.monotonic()
+        out = self.run(self.modelfs + [
+            "serve", "--models", str(models), "--export", str(self.work / "export"),
+            "--state-dir", str(self.work / "state"), "--chunk-size", self.args.chunk_size],
+            timeout=self.timeout_for(2 * self.args.size))
+        log(f"  {out.stdout.strip()} ({time.monotonic() - t:.1f}s)")
+
+    def start_nginx(self) -> None:
+        from modelfs.fetcher.export import write_nginx_config
+        port = self.args.port or free_port()
+        ngx = self.work / "nginx"
+        conf = write_nginx_config(self.work / "export", port, ngx, nginx=self.nginx_bin)
+        # its own session: a Ctrl-C reaches us, and we stop nginx ourselves, by pid
+        self.nginx = subprocess.Popen(
+            [self.nginx_bin, "-p", str(ngx), "-c", str(conf), "-e", str(ngx / "error.log")],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            start_new_session=True)
+        deadline = time.monotonic() + 15
+        while True:
+            if self.nginx.poll() is not None:
+                err = self.nginx.stderr.read().decode(errors="replace")
+                raise BenchError(f"nginx exited ({self.nginx.returncode}): {err.strip()}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise BenchError("nginx did not start listening") from None
+                time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{port}"
+        version = self.run([self.nginx_bin, "-v"], check=False).stderr.strip()
+        log(f"{version} (pid {self.nginx.pid}) serving {self.work / 'export'} on {self.url}")
+
+    # -- mounts --------------------------------------------------------------------------------
+
+    def mount(self, mnt: pathlib.Path, cache: pathlib.Path) -> int:
+        mnt.mkdir(parents=True, exist_ok=True)
+        self.daemons[mnt] = None
+        out = self.run(self.modelfs + ["mount", str(mnt), "--registry", self.url, "--cache",
+                                       str(cache), *self.mount_args], timeout=120)
+        m = re.search(r"daemon pid (\d+)", out.stdout)
+        if not m:
+            raise BenchError(f"no daemon pid in the mount's output: {out.stdout.strip()!r}")
+        self.daemons[mnt] = int(m.group(1))
+        return self.daemons[mnt]
+
+    def unmount(self, mnt: pathlib.Path) -> None:
+        pid = self.daemons.pop(mnt, None)
+        if mnt in mounted_under(mnt):
+            r = self.run(self.modelfs + ["unmount", str(mnt)], timeout=60, check=False)
+            if r.returncode != 0:
+                log(f"modelfs unmount {mnt} failed ({r.stderr.strip()}); detaching it")
+                subprocess.run([self.fusermount, "-u", "-z", str(mnt)], capture_output=True)
+        if pid is not None:
+            _stop_pid(pid, grace=15)
+
+    # -- the cases -----------------------------------------------------------------------------
+
+    def record(self, run: int, case: int, seconds: float, nbytes: int) -> None:
+        row = Row(run, case, CASES[case], seconds, nbytes)
+        self.rows.append(row)
+        log(f"  run {run} case {case} {row.name}: {seconds:.3f}s, {row.mb_s:.1f} MB/s")
+
+    def dd(self, path: pathlib.Path, count: int | None = None) -> tuple[float, int]:
+        cmd = [self.dd_bin, f"if={path}", "of=/dev/null", "bs=1M"]
+        if count is not None:
+            cmd.append(f"count={count}")
+        want = self.blob_size if count is None else min(self.blob_size, count * MiB)
+        t = time.monotonic()
+        out = self.run(cmd, timeout=self.timeout_for(want))
+        elapsed = time.monotonic() - t
+        m = re.search(r"^(\d+) bytes", out.stderr, re.MULTILINE)
+        got = int(m.group(1)) if m else -1
+        if got != want:
+            raise BenchError(f"dd read {got} bytes of {path}, expected {want}")
+        return elapsed, got
+
+    def case_download(self, run: int) -> None:
+        target = self.work / "download" / "blob"
+        target.parent.mkdir(exist_ok=True)
+        url = f"{self.url}/v2/bench/blob/blobs/{self.digest}"
+        script = (f"{shlex.quote(self.curl)} -s -f -o {shlex.quote(str(target))} "
+                  f"{shlex.quote(url)} && {shlex.quote(self.openssl)} dgst -sha256 "
+                  f"{shlex.quote(str(target))}")
+        self.drop_caches()
+        t = time.monotonic()
+        out = self.run(["bash", "-c", script], timeout=self.timeout_for(self.blob_size))
+        elapsed = time.monotonic() - t
+        got = out.stdout.strip().rsplit(" ", 1)[-1]
+        if "sha256:" + got != self.digest:
+            raise BenchError(f"downloaded blob hashes to {got}, not {self.digest}")
+        self.record(run, 1, elapsed, self.blob_size)
+        _remove(target.parent)
+
+    def case_pull(self, run: int) -> None:
+        cache = self.work / "pull-cache"
+        _remove(cache)
+        self.drop_caches()
+        t = time.monotonic()
+        out = self.run(self.modelfs + ["pull", MODEL, "--registry", self.url, "--cache",
+                                       str(cache), *self.pull_args],
+                       timeout=self.timeout_for(self.blob_size))
+        elapsed = time.monotonic() - t
+        if "verified and sealed" not in out.stdout:
+            raise BenchError(f"unexpected pull output: {out.stdout.strip()!r}")
+        self.record(run, 2, elapsed, self.blob_size)
+        _remove(cache)
+
+    def case_cold_and_warm(self, run: int) -> None:
+        cache, mnt = self.work / "mount-cache", self.work / "mnt"
+        _remove(cache)
+        # 3: cold, with the daemon's memory watched during the read
+        pid = self.mount(mnt, cache)
+        self.drop_caches()
+        sampler = _RssSampler(pid)
+        sampler.start()
+        try:
+            elapsed, nbytes = self.dd(mnt.joinpath(*MODEL_PATH))
+        finally:
+            sampler.stop()
+        hwm = proc_status(pid).get("VmHWM", 0)  # just before unmounting: the whole life
+        self.record(run, 3, elapsed, nbytes)
+        self.rss.append(RssRow(run, hwm, sampler.max_rss))
+        log(f"  run {run} case 7 peak RSS of the daemon: VmHWM {hwm / 1024:.1f} MiB, "
+            f"largest sampled VmRSS {sampler.max_rss / 1024:.1f} MiB")
+        self.unmount(mnt)
+        # 5: warm, the cache case 3 filled, a fresh mount
+        self.mount(mnt, cache)
+        self.drop_caches()
+        elapsed, nbytes = self.dd(mnt.joinpath(*MODEL_PATH))
+        self.record(run, 5, elapsed, nbytes)
+        self.unmount(mnt)
+        _remove(cache)
+
+    def case_first_mib(self, run: int) -> None:
+        cache, mnt = self.work / "mount-cache", self.work / "mnt"
+        _remove(cache)
+        self.mount(mnt, cache)
+        self.drop_caches()
+        elapsed, nbytes = self.dd(mnt.joinpath(*MODEL_PATH), count=1)
+        self.record(run, 4, elapsed, nbytes)
+        self.unmount(mnt)
+        _remove(cache)
+
+    def case_local(self, run: int) -> None:
+        self.drop_caches()
+        elapsed, nbytes = self.dd(self.blob_path)
+        self.record(run, 6, elapsed, nbytes)
+
+    # -- the whole thing -----------------------------------------------------------------------
+
+    def main(self) -> None:
+        self.prepare_workdir()
+        self.make_model()
+        self.start_nginx()
+        for run in range(1, self.args.runs + 1):
+            log(f"run {run} of {self.args.runs}")
+            self.case_download(run)
+            self.case_pull(run)
+            self.case_cold_and_warm(run)
+            self.case_first_mib(run)
+            self.case_local(run)
+        self.report()
+
+    def report(self) -> None:
+        by_case = {c: [r for r in self.rows if r.case == c] for c in CASES}
+        med = {c: median([r.seconds for r in rows]) for c, rows in by_case.items() if rows}
+        a = self.args
+        print()
+        print(f"modelfs bench: {MODEL}, {format_size(self.blob_size)} ({self.blob_size} bytes), "
+              f"median of {a.runs} run(s), export chunk size {a.chunk_size}")
+        print(f"  registry: nginx on {self.url}; work dir {self.work} ({fs_type(self.work)})")
+        if self.mount_args or self.pull_args:
+            print(f"  mount args: {shlex.join(self.mount_args) or '-'}; "
+                  f"pull args: {shlex.join(self.pull_args) or '-'}")
+        if a.no_drop_caches:
+            print("  WARNING: page cache NOT dropped (--no-drop-caches): cold cases are warm")
+        print()
+        print(f"  {'case':<44} {'seconds':>9} {'MB/s':>9}   runs (s)")
+        for c, rows in by_case.items():
+            mb_s = rows[0].bytes / 1e6 / med[c] if med[c] > 0 else float("inf")
+            runs = " ".join(f"{r.seconds:.3f}" for r in rows)
+            print(f"  {c} {CASES[c]:<42} {med[c]:>9.3f} {mb_s:>9.1f}   {runs}")
+        hwm = median([r.vm_hwm_kib for r in self.rss]) / 1024
+        sampled = max(r.max_vm_rss_kib for r in self.rss) / 1024
+        print(f"  7 {'peak RSS of the mount daemon in case 3':<42} {hwm:>9.1f} MiB"
+              f"   (VmHWM; largest sampled VmRSS {sampled:.1f} MiB)")
+        print()
+        print(f"  {'ratio':<14} {'value':>9} {'target':>10}")
+        ratios = {}
+        for name, num, den, target, how in RATIOS:
+            value = med[num] / med[den] if med[den] > 0 else float("inf")
+            ratios[name] = value
+            shown = f"{value * 100:.2f} %" if how == "%" else f"{value:.2f}"
+            goal = f"<= {target * 100:g} %" if how == "%" else f"<= {target:.1f}"
+            print(f"  {name:<14} {shown:>9} {goal:>10}   {'ok' if value <= target else 'MISS'}")
+        goal = f"<= {RSS_TARGET_MIB}"
+        print(f"  {'peak RSS MiB':<14} {hwm:>9.1f} {goal:>10}   "
+              f"{'ok' if hwm <= RSS_TARGET_MIB else 'MISS'}")
+        if a.json:
+            doc = {
+                "model": MODEL, "digest": self.digest, "blob_bytes": self.blob_size,
+                "runs": a.runs, "export_chunk_size": a.chunk_size, "registry": self.url,
+                "mount_args": self.mount_args, "pull_args": self.pull_args,
+                "page_cache_dropped": not a.no_drop_caches,
+                "rows": [dict(dataclasses.asdict(r), mb_s=r.mb_s) for r in self.rows],
+                "rss": [dataclasses.asdict(r) for r in self.rss],
+                "median_seconds": {str(c): v for c, v in med.items()},
+                "ratios": ratios, "peak_rss_mib": hwm,
+            }
+            a.json.write_text(json.dumps(doc, indent=2) + "\n")
+            print(f"\n  raw rows written to {a.json}")
+
+    def cleanup(self) -> None:
+        for mnt in list(self.daemons):
+            try:
+                self.unmount(mnt)
+            except Exception as exc:  # keep cleaning up
+                log(f"cleanup: {mnt}: {exc}")
+                subprocess.run([self.fusermount, "-u", "-z", str(mnt)], capture_output=True)
+        if self.created_work:
+            for stale in mounted_under(self.work):
+                subprocess.run([self.fusermount, "-u", "-z", str(stale)], capture_output=True)
+        if self.nginx is not None and self.nginx.poll() is None:
+            self.nginx.terminate()
+            try:
+                self.nginx.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.nginx.kill()
+                self.nginx.wait()
+        if self.created_work:
+            if self.args.keep:
+                log(f"kept {self.work}")
+            elif mounted_under(self.work):
+                log(f"not deleting {self.work}: something is still mounted below it")
+            else:
+                _remove(self.work)
+
+
+class _RssSampler:
+    """The largest VmRSS of a process, sampled every 50 ms in a thread."""
+
+    def __init__(self, pid: int):
+        self.pid, self.max_rss = pid, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def _sample(self) -> None:
+        self.max_rss = max(self.max_rss, proc_status(self.pid).get("VmRSS", 0))
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.05):
+            self._sample()
+
+
+def _remove(path: pathlib.Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        if mounted_under(path):
+            raise BenchError(f"refusing to delete {path}: something is mounted below it")
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _stop_pid(pid: int, grace: float) -> None:
+    deadline = time.monotonic() + grace
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if alive(pid):
+        log(f"daemon {pid} still running after unmount; killing it")
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="scripts/bench", description="Benchmark modelfs (pull, cold/warm mount reads, "
+        "first MiB, daemon RSS) against curl+openssl, served by nginx from an exported tree.")
+    p.add_argument("--size", type=size_arg, default=2 << 30, metavar="SIZE",
+                   help="model size, e.g. 512M or 2G (default 2G)")
+    p.add_argument("--runs", type=int, default=3, help="runs per case; medians are printed "
+                   "(default 3)")
+    p.add_argument("--workdir", type=pathlib.Path, default=pathlib.Path("/var/tmp/modelfs-bench"),
+                   help="work directory on a disk, not tmpfs (default /var/tmp/modelfs-bench)")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the work directory (its model and export are reused next time)")
+    p.add_argument("--json", type=pathlib.Path, metavar="FILE", help="write the raw rows here")
+    p.add_argument("--mount-args", default="", metavar="ARGS",
+                   help='extra `modelfs mount` options, e.g. "--max-fetches 16"')
+    p.add_argument("--pull-args", default="", metavar="ARGS",
+                   help='extra `modelfs pull` options, e.g. "--concurrency 16"')
+    p.add_argument("--chunk-size", default="8M", metavar="SIZE",
+                   help="chunk size of the exported chunk lists (default 8M)")
+    p.add_argument("--port", type=int, default=0, help="nginx port (default: a free one)")
+    p.add_argument("--seed", type=int, default=7, help=argparse.SUPPRESS)
+    p.add_argument("--no-drop-caches", action="store_true",
+                   help="do not drop the page cache (for non-root runs; cold cases are then warm)")
+    p.add_argument("--allow-tmpfs", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.runs < 1:
+        p.error("--runs must be at least 1")
+    if args.size < 2 * MiB:
+        p.error("--size must be at least 2M")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    def interrupted(signum, frame):
+        raise Interrupted(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGHUP, interrupted)
+    bench = None
+    try:
+        bench = Bench(args)
+        bench.main()
+        return 0
+    except BenchError as exc:
+        log(f"error: {exc}")
+        return 1
+    except subprocess.TimeoutExpired as exc:
+        log(f"error: timed out: {shlex.join(exc.cmd) if isinstance(exc.cmd, list) else exc.cmd}")
+        return 1
+    except (KeyboardInterrupt, Interrupted) as exc:
+        log(f"interrupted ({str(exc) or 'SIGINT'}); cleaning up")
+        return 130
+    finally:
+        if bench is not None:
+            # a second Ctrl-C must not leave mounts and nginx behind
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            bench.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
