@@ -1,19 +1,21 @@
 """A blob being materialized: a sparse file outside `blobs/`, filled chunk by chunk.
 
-`PartialBlob.put_chunk` is the only door into the cache for blob bytes. It hashes the chunk and
-compares it with the chunk digest, writes it at its final offset, makes it durable, records it
-in the index, and feeds the sealer. When every chunk is in, `seal` checks the whole-file sha256
-against the manifest digest and only then moves the file into `blobs/`.
+`PartialBlob.write_chunk` is the only door into the cache for blob bytes: it hashes the chunk
+and compares it with the chunk digest, and only then writes it at its final offset, where it
+becomes `readable`. `commit_chunk` makes it durable and records it in the index (`present`);
+`put_chunk` does both. When every chunk is present, `seal` checks the whole-file sha256 against
+the manifest digest and only then moves the file into `blobs/`.
 
 Concurrency contract (trio):
-- All state (`present`, the sealer position, the index) changes on the trio thread only.
-- Threads get an fd and bytes, never this object: hashing, pwrite, pread and fdatasync run via
-  `trio.to_thread.run_sync(..., limiter=self._limiter)`.
-- Several tasks may call `put_chunk` for different chunks at once; the caller guarantees that
-  one chunk has at most one writer at a time (single-flight lives in the fetcher).
-- The sealer hashes chunks strictly in file order under `_seal_lock`. A chunk that arrives in
-  order is hashed from memory; one that arrived early is read back when its turn comes (usually
-  from the page cache). After a restart the sealer starts again from offset 0.
+- All state (`readable`, `present`, the sealer position, the index) changes on the trio thread.
+- Threads get an fd, bytes and (under `_seal_lock`) the sealer's hasher: hashing, pwrite, pread
+  and fdatasync run via `trio.to_thread.run_sync(..., limiter=self._limiter)`.
+- Several tasks may write different chunks at once; the caller guarantees that one chunk has
+  at most one writer at a time (single-flight lives in the fetcher).
+- The sealer hashes readable chunks strictly in file order under `_seal_lock`. A chunk that
+  arrives in order is hashed from memory with its own check; one that arrived early is read
+  back when its turn comes (usually from the page cache). After a restart it starts again
+  from offset 0.
 """
 
 from __future__ import annotations
@@ -59,11 +61,14 @@ def _pread_exact(fd: int, length: int, offset: int) -> bytes:
 
 
 class GroupSync:
-    """fdatasync shared by every writer that is waiting: one sync covers all writes before it."""
+    """fdatasync shared by every chunk waiting to be durable: one sync covers all writes before
+    it, and syncs come at most every `interval` seconds, so a fast stream of chunks costs a few
+    syncs a second instead of one per chunk (nobody waits on them to read: see write_chunk)."""
 
-    def __init__(self, fd: int, limiter: trio.CapacityLimiter):
-        self._fd, self._limiter = fd, limiter
+    def __init__(self, fd: int, limiter: trio.CapacityLimiter, interval: float = 0.5):
+        self._fd, self._limiter, self._interval = fd, limiter, interval
         self._written = self._synced = 0
+        self._last = -interval
         self._running: trio.Event | None = None
 
     def wrote(self) -> int:
@@ -75,13 +80,27 @@ class GroupSync:
             if self._running is not None:
                 await self._running.wait()
                 continue
+            wait = self._last + self._interval - trio.current_time()
+            if wait > 0:
+                await trio.sleep(wait)  # let more writes join this sync
+                continue
             target, self._running = self._written, trio.Event()
             try:
                 await trio.to_thread.run_sync(os.fdatasync, self._fd, limiter=self._limiter)
                 self._synced = max(self._synced, target)
             finally:
+                self._last = trio.current_time()
                 self._running.set()
                 self._running = None
+
+
+def _verify_and_feed(data, digest: str | None, hasher) -> str | None:
+    """sha256 of a chunk (when it has a digest) and, if it matches, the same bytes into the
+    whole-blob hasher: one thread trip, the bytes hot in the CPU cache for both."""
+    actual = _sha256(data) if digest is not None else None
+    if actual == digest:
+        hasher.update(data)
+    return actual
 
 
 class PartialBlob:
@@ -92,6 +111,7 @@ class PartialBlob:
         self.chunks = check_coverage(chunks, size)
         self.present = present  # durable and recorded in the index
         self.readable = list(present)  # verified and written (perhaps not durable yet)
+        self._generation = [0] * len(chunks)  # GroupSync generation of each chunk's write
         self.path, self.final_path = path, final_path
         self._index = index
         self._limiter = limiter
@@ -124,56 +144,64 @@ class PartialBlob:
     async def put_chunk(self, i: int, data) -> None:
         """Verify, write, make durable and record chunk `i`. Raises ChunkDigestMismatch."""
         await self.write_chunk(i, data)
-        await self.commit_chunk(i, data)
+        await self.commit_chunk(i)
 
     async def write_chunk(self, i: int, data) -> bool:
         """Verify chunk `i` and write it at its offset; from then on it may be read (it is
-        `readable`), though not yet durable or recorded. False if it was there already."""
+        `readable`), though it is not durable or recorded yet (`commit_chunk`). A chunk that
+        arrives in file order is fed to the sealer from memory in the same thread trip as its
+        own hash. False if the chunk was there already."""
         chunk = self.chunks[i]
         if len(data) != chunk.length:
             raise ChunkDigestMismatch(
                 f"chunk {i} of {self.digest[:19]}: got {len(data)} bytes, expected {chunk.length}")
         if self.readable[i]:
             return False
-        if chunk.digest is not None:
+        actual, checked = None, False
+        if i == self._hashed_upto and not self._seal_lock.locked():
+            async with self._seal_lock:
+                if i == self._hashed_upto:
+                    actual = await trio.to_thread.run_sync(
+                        _verify_and_feed, data, chunk.digest, self._hasher, limiter=self._limiter)
+                    checked = True
+                    if actual == chunk.digest:
+                        self._hashed_upto = i + 1
+        if not checked and chunk.digest is not None:
             actual = await trio.to_thread.run_sync(_sha256, data, limiter=self._limiter)
-            if actual != chunk.digest:
-                raise ChunkDigestMismatch(
-                    f"chunk {i} ({chunk.start}-{chunk.end - 1}) of {self.digest[:19]}...: "
-                    f"sha256 {actual[7:19]}... does not match its digest {chunk.digest[7:19]}...")
+        if actual != chunk.digest:
+            raise ChunkDigestMismatch(
+                f"chunk {i} ({chunk.start}-{chunk.end - 1}) of {self.digest[:19]}...: "
+                f"sha256 {actual[7:19]}... does not match its digest {chunk.digest[7:19]}...")
         await trio.to_thread.run_sync(_pwrite_all, self._fd, data, chunk.start,
                                       limiter=self._limiter)
         self.readable[i] = True
+        self._generation[i] = self._sync.wrote()
+        if not self._seal_lock.locked():
+            # Whoever holds the lock re-checks `readable` after each await, so chunks that land
+            # meanwhile are picked up; waiting here would stall this fetcher behind a read-back.
+            await self._advance_sealer()
         return True
 
-    async def commit_chunk(self, i: int, data=None) -> None:
-        """Make chunk `i` durable (one fdatasync shared by every chunk waiting), record it in
-        the index, and feed the sealer (invariant 2: recorded only once durable)."""
+    async def commit_chunk(self, i: int) -> None:
+        """Make chunk `i` durable (an fdatasync shared with the chunks around it) and record it
+        in the index (invariant 2: recorded only once durable)."""
         if self.present[i]:
             return
         if self._durable:
-            await self._sync.wait_durable(self._sync.wrote())
+            await self._sync.wait_durable(self._generation[i])
         self.present[i] = True
         self._index.mark_present(self.digest, [i])
-        if not self._seal_lock.locked():
-            # Whoever holds the lock re-checks `present` after each await, so this chunk is
-            # picked up; waiting here would stall this fetcher behind the read-back of a
-            # resumed blob's prefix.
-            await self._advance_sealer(i, data)
 
-    async def _advance_sealer(self, arrived: int, data) -> None:
+    async def _advance_sealer(self) -> None:
+        """Hash the readable chunks that follow the sealer's position, reading them back."""
         async with self._seal_lock:
             n = len(self.chunks)
-            while self._hashed_upto < n and self.present[self._hashed_upto]:
-                j = self._hashed_upto
-                chunk = self.chunks[j]
-                if j == arrived:
-                    buf = data  # in order: hash from memory, no read back
-                else:
-                    buf = await trio.to_thread.run_sync(
-                        _pread_exact, self._fd, chunk.length, chunk.start, limiter=self._limiter)
+            while self._hashed_upto < n and self.readable[self._hashed_upto]:
+                chunk = self.chunks[self._hashed_upto]
+                buf = await trio.to_thread.run_sync(
+                    _pread_exact, self._fd, chunk.length, chunk.start, limiter=self._limiter)
                 await trio.to_thread.run_sync(self._hasher.update, buf, limiter=self._limiter)
-                self._hashed_upto = j + 1
+                self._hashed_upto += 1
 
     async def read(self, offset: int, size: int) -> bytes:
         """Bytes [offset, offset+size) from the file. The caller has made sure every chunk
@@ -200,7 +228,7 @@ class PartialBlob:
         """
         if not self.complete:
             raise RuntimeError("seal() called with chunks missing")
-        await self._advance_sealer(-1, None)
+        await self._advance_sealer()
         actual = "sha256:" + self._hasher.hexdigest()
         if actual != self.digest:
             log.error("SEAL MISMATCH for blob %s: every chunk verified, but the blob hashes to %s. "

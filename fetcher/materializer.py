@@ -279,11 +279,13 @@ class Materializer:
             job = await self._queue.get()
             state, i = job.payload
             try:
-                await self._run(state, i)
+                await self._run(state, i, keep=job.priority <= WINDOW)
             finally:
                 self._queue.done(job)
 
-    async def _run(self, state: _BlobState, i: int) -> None:
+    async def _run(self, state: _BlobState, i: int, keep: bool) -> None:
+        """Fetch chunk `i`; `keep` its bytes in memory when a reader is about to want them
+        (background chunks would only push those out)."""
         flight = state.flights.setdefault(i, _Flight())
         blob = state.partial
         try:
@@ -298,16 +300,15 @@ class Materializer:
                 if not blob.readable[i]:
                     self.fetches += 1
                     data = await fetch_chunk(self._client, blob, url, i, commit=False)
-                    self._memory.put((blob.digest, i), data)
-                if state.flights.get(i) is flight:
-                    del state.flights[i]
-                flight.done.set()  # verified and written: readers may go on
-                await blob.commit_chunk(i, data)
+                    if keep:
+                        self._memory.put((blob.digest, i), data)
             finally:
                 self.budget.release(length)
-            if blob.complete:
-                state.completed.set()
-                self._seal_soon(state, blob)
+            if state.flights.get(i) is flight:
+                del state.flights[i]
+            flight.done.set()  # verified and written: readers may go on
+            # durable in batches, without holding up this worker
+            self._nursery.start_soon(self._commit, state, blob, i)
         except Exception as exc:  # handed to the readers waiting on this flight
             flight.error = exc
             log.warning("fetching chunk %d of %s failed: %s", i, state.layer.digest[:19], exc)
@@ -315,6 +316,16 @@ class Materializer:
             if state.flights.get(i) is flight:
                 del state.flights[i]
             flight.done.set()
+
+    async def _commit(self, state: _BlobState, blob: PartialBlob, i: int) -> None:
+        try:
+            await blob.commit_chunk(i)
+        except Exception as exc:
+            log.warning("recording chunk %d of %s failed: %s", i, state.layer.digest[:19], exc)
+            return
+        if blob.complete and state.partial is blob:
+            state.completed.set()
+            self._seal_soon(state, blob)
 
     async def _wait_chunk(self, state: _BlobState, i: int) -> None:
         while True:

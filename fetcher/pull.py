@@ -96,10 +96,12 @@ async def _fetch_all(jobs: list[_Job], client: RegistryClient, concurrency: int,
             for job in jobs:
                 await send.send(job)
 
-    async def work(receive):
+    async def work(receive, nursery):
         async with receive:
             async for job in receive:
-                await fetch_chunk(client, job.blob, job.plan.url, job.index)
+                await fetch_chunk(client, job.blob, job.plan.url, job.index, commit=False)
+                # made durable in batches while this worker fetches the next chunk
+                nursery.start_soon(job.blob.commit_chunk, job.index)
                 length = job.blob.chunks[job.index].length
                 result.fetched_bytes += length
                 result.fetched_chunks += 1
@@ -110,7 +112,7 @@ async def _fetch_all(jobs: list[_Job], client: RegistryClient, concurrency: int,
             nursery.start_soon(produce)
             async with receive:
                 for _ in range(max(1, concurrency)):
-                    nursery.start_soon(work, receive.clone())
+                    nursery.start_soon(work, receive.clone(), nursery)
 
 
 async def fetch_chunk(client: RegistryClient, blob: PartialBlob, url: str, index: int, *,
@@ -128,5 +130,5 @@ async def fetch_chunk(client: RegistryClient, blob: PartialBlob, url: str, index
     data = await retrying(once, client.config.retry,
                           f"chunk {index} ({chunk.start}-{chunk.end - 1}) of {blob.digest[:19]}")
     if commit:
-        await blob.commit_chunk(index, data)
+        await blob.commit_chunk(index)
     return data

@@ -47,6 +47,8 @@ class Faults:
         self.rules: list[Rule] = []
         self.in_flight = 0
         self.max_in_flight = 0
+        self.ranges_in_flight = 0
+        self.max_ranges_in_flight = 0
         self.delay = 0.0  # seconds added before each blob range answer
 
     def add(self, method: str, path_contains: str, action: Action, times: int | None = None,
@@ -75,6 +77,8 @@ class Faults:
 
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        self.ranges_in_flight += bool(seen.range)
+        self.max_ranges_in_flight = max(self.max_ranges_in_flight, self.ranges_in_flight)
         try:
             if self.delay and seen.range:
                 await trio.sleep(self.delay)
@@ -86,6 +90,7 @@ class Faults:
             await self.app(scope, receive, recording_send)
         finally:
             self.in_flight -= 1
+            self.ranges_in_flight -= bool(seen.range)
 
 
 # -- actions ----------------------------------------------------------------------------------

@@ -1,0 +1,103 @@
+"""Prefetch through a real mount: the window runs ahead of a sequential reader, background
+fetch completes an open model, and one byte budget bounds every fetch in flight."""
+
+import os
+import time
+
+import trio
+
+from .conftest import sha256_file
+from .mounting import Mount, fuse_available
+
+pytestmark = fuse_available
+CHUNK = 64 << 10
+
+
+async def _mount(reg, tmp_path, *extra) -> Mount:
+    m = Mount(tmp_path / "mnt", tmp_path / "cache", reg.url, *extra)
+    await trio.to_thread.run_sync(m.start)
+    return m
+
+
+async def test_sequential_reader_finds_next_chunk_already_requested(live_registry, tmp_path):
+    reg = await live_registry(chunk_size=CHUNK)
+    _, imported = reg.add_model("seq", 64 * CHUNK - 5000)
+    d = imported.model.digest
+    n_chunks = -(-imported.model.size // CHUNK)
+    assert n_chunks == 64
+    reg.faults.delay = 0.02  # every range answer takes a while: the reader must not wait for all
+    m = await _mount(reg, tmp_path, "--prefetch", "sequential")
+    try:
+        path = m.path / "seq:latest" / "model.gguf"
+        fd = await trio.to_thread.run_sync(os.open, path, os.O_RDONLY | os.O_DIRECT)
+        late = []
+        try:
+            for k in range(n_chunks):
+                requested = set(reg.faults.ranges(d))
+                nxt = f"bytes={(k + 1) * CHUNK}-"
+                if 1 <= k < n_chunks - 1 and not any(r.startswith(nxt) for r in requested):
+                    late.append(k)
+                # an aligned O_DIRECT read reaches the daemon as it is, chunk by chunk
+                data = await trio.to_thread.run_sync(os.pread, fd, CHUNK, k * CHUNK)
+                assert len(data) == min(CHUNK, imported.model.size - k * CHUNK)
+        finally:
+            os.close(fd)
+        assert late == []
+        ranges = reg.faults.ranges(d)
+        assert len(ranges) == len(set(ranges)) == n_chunks  # each chunk fetched once
+    finally:
+        await trio.to_thread.run_sync(m.cleanup)
+
+
+async def test_open_model_is_completed_in_the_background(live_registry, tmp_path):
+    reg = await live_registry(chunk_size=CHUNK)
+    source, imported = reg.add_model("bg", 40 * CHUNK)
+    m = await _mount(reg, tmp_path)  # --prefetch auto
+    try:
+        path = m.path / "bg:latest" / "model.gguf"
+
+        def read_first_then_wait():
+            with open(path, "rb") as f:
+                f.read(4096)
+                deadline = time.monotonic() + 20
+                while int(os.getxattr(path, "user.modelfs.cached")) < imported.model.size:
+                    assert time.monotonic() < deadline, "background fetch did not finish"
+                    time.sleep(0.05)
+
+        await trio.to_thread.run_sync(read_first_then_wait)
+        assert len(reg.faults.ranges(imported.model.digest)) == 40
+        blob = m.cache / "blobs" / ("sha256-" + imported.model.digest[7:])
+        for _ in range(100):
+            if blob.exists():
+                break
+            await trio.sleep(0.05)
+        assert sha256_file(blob) == sha256_file(source)
+    finally:
+        await trio.to_thread.run_sync(m.cleanup)
+
+
+async def test_one_budget_bounds_fetches_in_flight(live_registry, tmp_path):
+    reg = await live_registry(chunk_size=CHUNK)
+    models = [reg.add_model(f"m{i}", 48 * CHUNK, seed=i)[1] for i in range(3)]
+    reg.faults.delay = 0.01
+    m = await _mount(reg, tmp_path, "--max-inflight", str(4 * CHUNK), "--max-fetches", "16")
+    try:
+        def read_all(i):
+            path = m.path / f"m{i}:latest" / "model.gguf"
+            return sha256_file(path)
+
+        async with trio.open_nursery() as nursery:
+            results = {}
+
+            async def one(i):
+                results[i] = await trio.to_thread.run_sync(read_all, i)
+            for i in range(3):
+                nursery.start_soon(one, i)
+        for i, imported in enumerate(models):
+            assert results[i] == imported.model.digest
+        blob_ranges = [s for s in reg.faults.seen if s.range]
+        assert len(blob_ranges) >= 3 * 48
+        # 16 workers and 3 readers, but never more than 4 chunks of bytes in flight
+        assert 2 <= reg.faults.max_ranges_in_flight <= 4
+    finally:
+        await trio.to_thread.run_sync(m.cleanup)
