@@ -28,6 +28,7 @@ import pathlib
 
 import trio
 
+from .buffers import feed, pwrite_all
 from .chunks import Chunk, check_coverage
 from .digests import digest_hex
 from .errors import ChunkDigestMismatch, SealMismatch
@@ -36,16 +37,14 @@ from .store import fsync_dir
 
 log = logging.getLogger(__name__)
 
+# Bytes of chunks that arrived ahead of the sealer kept in memory for it, per blob.
+EARLY_LIMIT = 32 << 20
+
 
 def _sha256(data) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def _pwrite_all(fd: int, data, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
+    h = hashlib.sha256()
+    feed(h, data)
+    return "sha256:" + h.hexdigest()
 
 
 def _pread_exact(fd: int, length: int, offset: int) -> bytes:
@@ -99,7 +98,7 @@ def _verify_and_feed(data, digest: str | None, hasher) -> str | None:
     whole-blob hasher: one thread trip, the bytes hot in the CPU cache for both."""
     actual = _sha256(data) if digest is not None else None
     if actual == digest:
-        hasher.update(data)
+        feed(hasher, data)
     return actual
 
 
@@ -112,6 +111,8 @@ class PartialBlob:
         self.present = present  # durable and recorded in the index
         self.readable = list(present)  # verified and written (perhaps not durable yet)
         self._generation = [0] * len(chunks)  # GroupSync generation of each chunk's write
+        self._early: dict[int, object] = {}  # chunks written ahead of the sealer, kept for it
+        self._early_bytes = 0
         self.path, self.final_path = path, final_path
         self._index = index
         self._limiter = limiter
@@ -123,6 +124,7 @@ class PartialBlob:
         self._hasher = hashlib.sha256()
         self._hashed_upto = 0  # chunks [0, _hashed_upto) are in the sealer's hash
         self._seal_lock = trio.Lock()
+        self._write_lock = trio.Lock()
         self._starts = [c.start for c in self.chunks]
         self.sealed = False
 
@@ -172,10 +174,16 @@ class PartialBlob:
             raise ChunkDigestMismatch(
                 f"chunk {i} ({chunk.start}-{chunk.end - 1}) of {self.digest[:19]}...: "
                 f"sha256 {actual[7:19]}... does not match its digest {chunk.digest[7:19]}...")
-        await trio.to_thread.run_sync(_pwrite_all, self._fd, data, chunk.start,
-                                      limiter=self._limiter)
+        async with self._write_lock:  # one writer per file: concurrent pwrites only contend
+            await trio.to_thread.run_sync(pwrite_all, self._fd, data, chunk.start,
+                                          limiter=self._limiter)
         self.readable[i] = True
         self._generation[i] = self._sync.wrote()
+        if i > self._hashed_upto and self._early_bytes + len(data) <= EARLY_LIMIT:
+            # a little ahead of the sealer (concurrent fetches finish out of order): keep the
+            # bytes for it rather than read them back from disk a moment later
+            self._early[i] = data
+            self._early_bytes += len(data)
         if not self._seal_lock.locked():
             # Whoever holds the lock re-checks `readable` after each await, so chunks that land
             # meanwhile are picked up; waiting here would stall this fetcher behind a read-back.
@@ -198,9 +206,13 @@ class PartialBlob:
             n = len(self.chunks)
             while self._hashed_upto < n and self.readable[self._hashed_upto]:
                 chunk = self.chunks[self._hashed_upto]
-                buf = await trio.to_thread.run_sync(
-                    _pread_exact, self._fd, chunk.length, chunk.start, limiter=self._limiter)
-                await trio.to_thread.run_sync(self._hasher.update, buf, limiter=self._limiter)
+                buf = self._early.pop(self._hashed_upto, None)
+                if buf is not None:
+                    self._early_bytes -= len(buf)
+                else:
+                    buf = await trio.to_thread.run_sync(
+                        _pread_exact, self._fd, chunk.length, chunk.start, limiter=self._limiter)
+                await trio.to_thread.run_sync(feed, self._hasher, buf, limiter=self._limiter)
                 self._hashed_upto += 1
 
     async def read(self, offset: int, size: int) -> bytes:
@@ -257,6 +269,8 @@ class PartialBlob:
         self._index.forget(self.digest)
         self.present = [False] * len(self.chunks)
         self.readable = [False] * len(self.chunks)
+        self._early.clear()
+        self._early_bytes = 0
         await trio.to_thread.run_sync(_unlink_quietly, self.path, limiter=self._limiter)
 
 

@@ -25,6 +25,7 @@ import httpcore._async.http11
 import httpx
 import trio
 
+from modelfs.cache.buffers import Pieces
 from modelfs.cache.chunks import DEFAULT_CHUNK_SIZE, Chunk, fixed_chunks
 
 from . import __version__
@@ -331,17 +332,16 @@ class RegistryClient:
                                         f"Range request")
             _check_content_range(url, response.headers.get("content-range", ""), start, end,
                                  blob_size)
-            buf = bytearray(length)
-            view, pos = memoryview(buf), 0
+            parts, pos = [], 0
             with map_transport_errors(url):
                 async for piece in response.aiter_bytes():
-                    if pos + len(piece) > length:
-                        raise ProtocolViolation(f"{url}: more than the {length} bytes asked for")
-                    view[pos:pos + len(piece)] = piece
                     pos += len(piece)
+                    if pos > length:
+                        raise ProtocolViolation(f"{url}: more than the {length} bytes asked for")
+                    parts.append(piece)  # kept as received: no copy into one buffer
             if pos != length:
                 raise ShortBody(f"{url}: range {start}-{end - 1} gave {pos} of {length} bytes")
-            return buf
+            return Pieces(parts)
 
 
 def _check_content_range(url: str, value: str, start: int, end: int, size: int | None) -> None:

@@ -37,6 +37,7 @@ from typing import Callable
 import trio
 
 from modelfs.cache.blobcache import BlobCache
+from modelfs.cache.buffers import Pieces
 from modelfs.cache.chunks import DEFAULT_CHUNK_SIZE
 from modelfs.cache.errors import ModelfsError, SealMismatch
 from modelfs.cache.partial import PartialBlob, _pread_exact
@@ -52,6 +53,10 @@ log = logging.getLogger(__name__)
 # Layers up to this size (templates, params, licenses) are fetched whole on first read; larger
 # ones by the registry's chunks, so a read touches only the chunks under it.
 WHOLE_UP_TO = 1 << 20
+
+
+def _slice(data, lo: int, hi: int):
+    return data.slice(lo, hi) if isinstance(data, Pieces) else memoryview(data)[lo:hi]
 
 
 class Quarantined(ModelfsError):
@@ -210,7 +215,7 @@ class Materializer:
             lo, hi = max(offset, chunk.start), min(end, chunk.end)
             data = self._memory.get((blob.digest, i))
             if data is not None:
-                parts.append(memoryview(data)[lo - chunk.start:hi - chunk.start])
+                parts.append(_slice(data, lo - chunk.start, hi - chunk.start))
             else:
                 parts.append(await blob.read(lo, hi - lo))
         return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)

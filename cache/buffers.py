@@ -1,0 +1,56 @@
+"""Chunk bytes as the network delivered them: a list of buffers, never joined into one copy
+unless something needs a contiguous object. Hashing and writing take the pieces as they are
+(`hashlib.update` per piece, one `pwritev`), which saves a full copy of every byte fetched."""
+
+from __future__ import annotations
+
+import bisect
+import os
+
+
+class Pieces:
+    __slots__ = ("parts", "length", "_starts")
+
+    def __init__(self, parts):
+        self.parts = [p for p in parts if len(p)]
+        self._starts, total = [], 0
+        for p in self.parts:
+            self._starts.append(total)
+            total += len(p)
+        self.length = total
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self.parts)
+
+    def slice(self, lo: int, hi: int):
+        """Bytes [lo, hi) as a bytes-like object (no copy when one piece holds them)."""
+        k = bisect.bisect_right(self._starts, lo) - 1
+        base = self._starts[k]
+        if hi - base <= len(self.parts[k]):
+            return memoryview(self.parts[k])[lo - base:hi - base]
+        return bytes(self)[lo:hi]
+
+
+def parts_of(data) -> list:
+    return data.parts if isinstance(data, Pieces) else [data]
+
+
+def feed(hasher, data) -> None:
+    for part in parts_of(data):
+        hasher.update(part)
+
+
+def pwrite_all(fd: int, data, offset: int) -> None:
+    """Write every byte of `data` (bytes-like or Pieces) at `offset`."""
+    views = [memoryview(p) for p in parts_of(data)]
+    while views:
+        n = os.pwritev(fd, views[:1024], offset)  # IOV_MAX
+        offset += n
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if n:
+            views[0] = views[0][n:]
