@@ -218,7 +218,7 @@ class Materializer:
                 parts.append(_slice(data, lo - chunk.start, hi - chunk.start))
             else:
                 parts.append(await blob.read(lo, hi - lo))
-        return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def _is_sealed(self, state: _BlobState) -> bool:
         if state.sealed_fd >= 0:
