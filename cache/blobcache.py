@@ -25,7 +25,9 @@ import pathlib
 
 import trio
 
-from .chunks import Chunk, check_coverage
+from .budget import DiskBudget
+from .buffers import punch_hole
+from .chunks import DEFAULT_CHUNK_SIZE, Chunk, check_coverage, fixed_chunks
 from .digests import parse_digest
 from .errors import ModelfsError
 from .index import ChunkIndex
@@ -33,6 +35,18 @@ from .partial import PartialBlob, partial_name
 from .store import ModelsDir
 
 log = logging.getLogger(__name__)
+
+
+def _free_absent(path: pathlib.Path, chunks: list[Chunk], present: list[bool]) -> None:
+    """A crash may leave bytes of chunks that were written but never recorded: give their
+    space back (they are fetched again anyway)."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        for chunk, here in zip(chunks, present):
+            if not here:
+                punch_hole(fd, chunk.start, chunk.length)
+    finally:
+        os.close(fd)
 
 
 class CacheBusy(ModelfsError):
@@ -65,7 +79,8 @@ def _hash_file(path: pathlib.Path) -> tuple[str, int, int]:
 class BlobCache:
     """Owns the index and the open partial blobs of one cache directory (trio thread only)."""
 
-    def __init__(self, root: os.PathLike | str, *, durable: bool = True, io_threads: int = 2):
+    def __init__(self, root: os.PathLike | str, *, durable: bool = True, io_threads: int = 2,
+                 cap: int | None = None, min_free: int | None = None):
         self.root = pathlib.Path(root)
         self.store = ModelsDir(self.root).create()
         # One process per cache: two writers would race on the same partial files and seals.
@@ -80,6 +95,7 @@ class BlobCache:
         self._open: dict[str, PartialBlob] = {}
         self._retired: list[PartialBlob] = []  # replaced while readers may still hold them
         self._clean_leftovers()
+        self.budget = DiskBudget(self, cap=cap, min_free=min_free)
 
     def _clean_leftovers(self) -> None:
         known = {partial_name(d) for d in self.index.digests()}
@@ -91,6 +107,8 @@ class BlobCache:
             path.unlink(missing_ok=True)
 
     def close(self) -> None:
+        if getattr(self, "budget", None) is not None:
+            self.budget.flush()
         for blob in [*self._open.values(), *self._retired]:
             blob.close()
         self._open.clear()
@@ -124,6 +142,12 @@ class BlobCache:
             path.unlink(missing_ok=True)
             return False
         self.index.record_sealed(digest, size, mtime_ns, ino)
+        if self.index.load(digest) is None:
+            # chunk rows so the blob can be evicted chunk by chunk like any other
+            self.index.replace(digest, size, fixed_chunks(size, DEFAULT_CHUNK_SIZE))
+            self.index.mark_present(digest, list(range(len(fixed_chunks(size,
+                                                                          DEFAULT_CHUNK_SIZE)))))
+        self.budget.used += size
         return True
 
     def open_partial(self, digest: str, size: int, chunks: list[Chunk]) -> PartialBlob:
@@ -146,6 +170,7 @@ class BlobCache:
             if any(present):
                 log.info("resuming %s: %d of %d chunks already cached",
                          digest[:19], sum(present), len(present))
+            _free_absent(path, chunks, present)
         else:
             if stored is not None:
                 log.info("chunk list of %s changed or its file is gone; starting over", digest[:19])
@@ -154,7 +179,8 @@ class BlobCache:
             present = [False] * len(chunks)
         blob = PartialBlob(digest=digest, size=size, chunks=chunks, present=present, path=path,
                            final_path=self.store.blob_path(digest), index=self.index,
-                           limiter=self.limiter, durable=self.durable)
+                           limiter=self.limiter, durable=self.durable,
+                           reserve=self.budget.reserve)
         self._open[digest] = blob
         return blob
 
@@ -165,6 +191,8 @@ class BlobCache:
         blob = self._open.get(digest)
         if blob is not None and not blob.sealed:
             return blob
+        if self.index.sealed_as(digest) is not None:
+            return None  # sealed: read from blobs/, its rows are not a partial file's
         stored = self.index.load(digest)
         if stored is None or stored[0] != size:
             return None
@@ -185,6 +213,35 @@ class BlobCache:
         if stored is None or stored[0] != size:
             return 0
         return sum(c.length for c, here in zip(stored[1], stored[2]) if here)
+
+    def unseal_for_eviction(self, digest: str) -> PartialBlob | None:
+        """The blob of `digest` as an in-progress PartialBlob whose chunks can be evicted: an
+        open one as it is, a sealed one moved back out of `blobs/` first."""
+        blob = self._open.get(digest)
+        if blob is not None:
+            if blob.sealed:
+                blob.unseal()
+                self.budget.unsealed(digest)
+            return blob
+        stored = self.index.load(digest)
+        sealed = self.index.sealed_as(digest)
+        if stored is None:
+            return None
+        size, chunks, present = stored
+        if sealed is None:
+            return self.open_stored(digest, size)
+        path = self.partial_dir / partial_name(digest)
+        blob = PartialBlob(digest=digest, size=size, chunks=chunks, present=present, path=path,
+                           final_path=self.store.blob_path(digest), index=self.index,
+                           limiter=self.limiter, durable=self.durable,
+                           reserve=self.budget.reserve, sealed=True)
+        blob.unseal()
+        self._open[digest] = blob
+        self.budget.unsealed(digest)
+        return blob
+
+    def open_blobs(self) -> list[PartialBlob]:
+        return [b for b in self._open.values() if not b.sealed]
 
     def release(self, blob: PartialBlob) -> None:
         if self._open.get(blob.digest) is blob:

@@ -5,6 +5,7 @@ unless something needs a contiguous object. Hashing and writing take the pieces 
 from __future__ import annotations
 
 import bisect
+import ctypes
 import os
 
 
@@ -54,3 +55,19 @@ def pwrite_all(fd: int, data, offset: int) -> None:
             views.pop(0)
         if n:
             views[0] = views[0][n:]
+
+
+_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+_libc = None
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Free the disk blocks of [offset, offset+length) in a sparse file; reads there return
+    zeros (and we never serve them: the chunk is marked absent first)."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length):
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))

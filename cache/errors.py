@@ -34,5 +34,5 @@ class SealMismatch(IntegrityError):
     """Every chunk arrived, but the whole blob does not hash to the manifest digest."""
 
 
-class CacheCorrupt(ModelfsError):
-    """Local cache state that cannot be trusted (unreadable index, damaged file)."""
+class CacheFull(ModelfsError):
+    """No room for a chunk, even after evicting what could be evicted."""

@@ -23,7 +23,7 @@ from .chunks import Chunk
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = "2"
+FORMAT_VERSION = "3"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -52,8 +52,12 @@ CREATE TABLE IF NOT EXISTS chunks (
 
 
 class ChunkIndex:
-    def __init__(self, path: os.PathLike | str):
+    def __init__(self, path: os.PathLike | str, *, readonly: bool = False):
         self.path = pathlib.Path(path)
+        if readonly:  # for `modelfs status` beside a live mount: no schema, no repair
+            self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True,
+                                       isolation_level=None)
+            return
         try:
             self._db = self._open()
         except sqlite3.DatabaseError as exc:
@@ -135,6 +139,50 @@ class ChunkIndex:
     def forget_sealed(self, digest: str) -> None:
         with self._transaction():
             self._db.execute("DELETE FROM sealed WHERE digest=?", (digest,))
+
+    def mark_absent(self, digest: str, indexes: list[int]) -> None:
+        with self._transaction():
+            self._db.executemany("UPDATE chunks SET present=0 WHERE digest=? AND idx=?",
+                                 [(digest, i) for i in indexes])
+
+    def touch(self, items: list[tuple[float, str, int]]) -> None:
+        """Record reads: (time, digest, chunk index) each."""
+        with self._transaction():
+            self._db.executemany(
+                "UPDATE chunks SET last_access=max(last_access, ?) WHERE digest=? AND idx=?",
+                items)
+
+    def victims(self, limit: int) -> list[tuple[str, int, int]]:
+        """Present chunks, least recently used first: (digest, index, length)."""
+        return self._db.execute(
+            'SELECT digest, idx, "end" - start FROM chunks WHERE present=1 '
+            "ORDER BY last_access, digest, idx LIMIT ?", (limit,)).fetchall()
+
+    def usage(self) -> int:
+        """Bytes of every present chunk, sealed blobs included."""
+        row = self._db.execute('SELECT sum("end" - start) FROM chunks WHERE present=1').fetchone()
+        return row[0] or 0
+
+    def blob_summary(self) -> dict[str, tuple[int, int, float]]:
+        """digest -> (size, bytes present, last access)."""
+        rows = self._db.execute(
+            'SELECT b.digest, b.size, coalesce(sum(CASE WHEN c.present THEN c."end" - c.start '
+            "END), 0), coalesce(max(c.last_access), 0) FROM blobs b LEFT JOIN chunks c "
+            "ON c.digest = b.digest GROUP BY b.digest").fetchall()
+        return {r[0]: (r[1], r[2], r[3]) for r in rows}
+
+    def get_meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._transaction():
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    def in_progress(self) -> list[str]:
+        """Blobs with chunk rows that are not sealed: their files are in partial/."""
+        return [r[0] for r in self._db.execute(
+            "SELECT digest FROM blobs WHERE digest NOT IN (SELECT digest FROM sealed)")]
 
     def digests(self) -> list[str]:
         return [r[0] for r in self._db.execute("SELECT digest FROM blobs")]

@@ -21,6 +21,7 @@ Concurrency contract (trio):
 from __future__ import annotations
 
 import bisect
+import errno
 import hashlib
 import logging
 import os
@@ -28,10 +29,10 @@ import pathlib
 
 import trio
 
-from .buffers import feed, pwrite_all
+from .buffers import feed, punch_hole, pwrite_all
 from .chunks import Chunk, check_coverage
 from .digests import digest_hex
-from .errors import ChunkDigestMismatch, SealMismatch
+from .errors import CacheFull, ChunkDigestMismatch, SealMismatch
 from .index import ChunkIndex
 from .store import fsync_dir
 
@@ -105,7 +106,8 @@ def _verify_and_feed(data, digest: str | None, hasher) -> str | None:
 class PartialBlob:
     def __init__(self, *, digest: str, size: int, chunks: list[Chunk], present: list[bool],
                  path: pathlib.Path, final_path: pathlib.Path, index: ChunkIndex,
-                 limiter: trio.CapacityLimiter, durable: bool = True):
+                 limiter: trio.CapacityLimiter, durable: bool = True, reserve=None,
+                 sealed: bool = False):
         self.digest, self.size = digest, size
         self.chunks = check_coverage(chunks, size)
         self.present = present  # durable and recorded in the index
@@ -117,7 +119,8 @@ class PartialBlob:
         self._index = index
         self._limiter = limiter
         self._durable = durable
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        self._reserve = reserve  # async (bytes) -> None: make room under the cache's cap
+        self._fd = os.open(final_path if sealed else path, os.O_RDWR | os.O_CREAT, 0o644)
         if os.fstat(self._fd).st_size != size:
             os.ftruncate(self._fd, size)
         self._sync = GroupSync(self._fd, limiter)
@@ -126,7 +129,7 @@ class PartialBlob:
         self._seal_lock = trio.Lock()
         self._write_lock = trio.Lock()
         self._starts = [c.start for c in self.chunks]
-        self.sealed = False
+        self.sealed = sealed
 
     @property
     def has_chunk_digests(self) -> bool:
@@ -174,9 +177,25 @@ class PartialBlob:
             raise ChunkDigestMismatch(
                 f"chunk {i} ({chunk.start}-{chunk.end - 1}) of {self.digest[:19]}...: "
                 f"sha256 {actual[7:19]}... does not match its digest {chunk.digest[7:19]}...")
+        if self._reserve is not None:
+            await self._reserve(chunk.length)
         async with self._write_lock:  # one writer per file: concurrent pwrites only contend
-            await trio.to_thread.run_sync(pwrite_all, self._fd, data, chunk.start,
-                                          limiter=self._limiter)
+            try:
+                await trio.to_thread.run_sync(pwrite_all, self._fd, data, chunk.start,
+                                              limiter=self._limiter)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC or self._reserve is None:
+                    raise
+                # the disk filled up under us: free some of the cache and try once more
+                await self._reserve(chunk.length, disk_full=True)
+                try:
+                    await trio.to_thread.run_sync(pwrite_all, self._fd, data, chunk.start,
+                                                  limiter=self._limiter)
+                except OSError as again:
+                    await trio.to_thread.run_sync(punch_hole, self._fd, chunk.start,
+                                                  chunk.length, limiter=self._limiter)
+                    raise CacheFull(f"no room on disk for chunk {i} of {self.digest[:19]} "
+                                    f"({again.strerror})") from again
         self.readable[i] = True
         self._generation[i] = self._sync.wrote()
         if i > self._hashed_upto and self._early_bytes + len(data) <= EARLY_LIMIT:
@@ -197,6 +216,8 @@ class PartialBlob:
             return
         if self._durable:
             await self._sync.wait_durable(self._generation[i])
+        if not self.readable[i]:
+            return  # evicted while it waited to be durable: nothing to record
         self.present[i] = True
         self._index.mark_present(self.digest, [i])
 
@@ -259,10 +280,37 @@ class PartialBlob:
             await trio.to_thread.run_sync(fsync_dir, self.final_path.parent, limiter=self._limiter)
         # The fd stays open (it now names the sealed file): reads already in flight in threads
         # keep a valid descriptor. Whoever opened the blob closes it through BlobCache.release.
-        self._index.forget(self.digest)
+        # The chunk rows stay: eviction needs the chunk boundaries of sealed blobs too.
         self.sealed = True
         log.info("sealed %s (%d bytes)", self.digest, self.size)
         return self.final_path
+
+    def unseal(self) -> None:
+        """Move a sealed blob back to the in-progress state, before it loses a chunk (`blobs/`
+        only ever holds complete blobs). The fd keeps naming the same file."""
+        if not self.sealed:
+            return
+        os.replace(self.final_path, self.path)
+        self._index.forget_sealed(self.digest)
+        self.sealed = False
+        self._hasher, self._hashed_upto = hashlib.sha256(), 0  # will be re-read when complete
+        self._early.clear()
+        self._early_bytes = 0
+
+    async def evict_chunk(self, i: int) -> int:
+        """Give chunk `i`'s disk space back (punch a hole); it is fetched again when needed.
+        The caller makes sure nobody is reading it. Returns the bytes freed."""
+        if self.sealed:
+            self.unseal()
+        chunk = self.chunks[i]
+        if not self.readable[i]:
+            return 0
+        self.readable[i] = self.present[i] = False
+        self._early_bytes -= len(self._early.pop(i, b""))
+        self._index.mark_absent(self.digest, [i])
+        await trio.to_thread.run_sync(punch_hole, self._fd, chunk.start, chunk.length,
+                                      limiter=self._limiter)
+        return chunk.length
 
     async def discard(self) -> None:
         """Drop every byte and the index rows (the fd stays open for reads in flight)."""

@@ -129,6 +129,8 @@ class Materializer:
         self.cache_root = cache.root
         self._states: dict[str, _BlobState] = {}
         self.fetches = 0  # chunk fetches started (statistics)
+        self._budget = cache.budget
+        self._budget.on_unseal.append(self._unsealed)
         for _ in range(max(1, workers)):
             nursery.start_soon(self._worker)
 
@@ -184,7 +186,10 @@ class Materializer:
                 raise Quarantined(f"blob {layer.digest[:19]} failed its seal recently; "
                                   f"not served until it is fetched again")
             if await self._is_sealed(state):
-                return await self._read_sealed(state, offset, size)
+                data = await self._read_sealed(state, offset, size)
+                if data is not None:
+                    return data
+                continue  # evicted from since: read it as a partial blob
             blob = await self._partial(state)
             if not blob.has_chunk_digests:
                 await self._fetch_whole(state, blob)  # servable only once sealed
@@ -197,14 +202,24 @@ class Materializer:
                 if end > ahead[0]:
                     for i in blob.chunk_range(ahead[0], end - ahead[0]):
                         self._want(state, blob, i, WINDOW)
-            if whole and self._background and not state.background and state.open_handles:
+            fits = self._budget.cap is None or layer.size <= self._budget.cap
+            if whole and self._background and fits and not state.background \
+                    and state.open_handles:
                 state.background = True
                 for i in blob.missing():
                     self._want(state, blob, i, BACKGROUND)
             for i in chunks:
                 await self._wait_chunk(state, i)
-            if state.partial is blob:  # not replaced by a new chunk list meanwhile
-                return await self._read_chunks(blob, chunks, offset, size)
+            if state.partial is not blob:
+                continue  # replaced by a new chunk list meanwhile
+            self._budget.pin(blob.digest, chunks)  # not evicted while we read them
+            try:
+                if all(blob.readable[i] for i in chunks):
+                    self._budget.touch(blob.digest, chunks)
+                    return await self._read_chunks(blob, chunks, offset, size)
+            finally:
+                self._budget.unpin(blob.digest, chunks)
+            # a chunk was evicted between its arrival and our pin: go round again
 
     async def _read_chunks(self, blob: PartialBlob, chunks: range, offset: int,
                            size: int) -> bytes:
@@ -235,9 +250,32 @@ class Materializer:
         self._memory.drop(layer.digest)
         return True
 
-    async def _read_sealed(self, state: _BlobState, offset: int, size: int) -> bytes:
-        return await trio.to_thread.run_sync(_pread_exact, state.sealed_fd, size, offset,
-                                             limiter=self._cache.limiter)
+    async def _read_sealed(self, state: _BlobState, offset: int, size: int) -> bytes | None:
+        digest = state.layer.digest
+        self._budget.pin(digest)  # no chunk of it is evicted (and its fd closed) meanwhile
+        try:
+            if state.sealed_fd < 0:
+                return None
+            data = await trio.to_thread.run_sync(_pread_exact, state.sealed_fd, size, offset,
+                                                 limiter=self._cache.limiter)
+            if state.partial is not None:
+                self._budget.touch(digest, state.partial.chunk_range(offset, size))
+            return data
+        finally:
+            self._budget.unpin(digest)
+
+    def _unsealed(self, digest: str) -> None:
+        """The cache moved a sealed blob back to in-progress to evict from it (never while we
+        read it: reads pin it). Read it as a partial blob from now on."""
+        state = self._states.get(digest)
+        if state is None:
+            return
+        if state.sealed_fd >= 0:
+            os.close(state.sealed_fd)
+            state.sealed_fd = -1
+        state.partial = None
+        state.sealing = None
+        state.completed = trio.Event()
 
     async def _partial(self, state: _BlobState) -> PartialBlob:
         if state.partial is not None:

@@ -16,6 +16,7 @@ from typing import Callable
 import trio
 
 from modelfs.cache.blobcache import BlobCache
+from modelfs.cache.errors import CacheFull
 from modelfs.cache.partial import PartialBlob
 
 from .client import DEFAULT_CHUNK_SIZE, ChunkPlan, RegistryClient
@@ -56,6 +57,10 @@ async def pull(name: ModelName, client: RegistryClient, cache: BlobCache, *,
     result = PullResult(name, manifest)
     layers = manifest.blobs()
     result.total_bytes = sum(layer.size for layer in layers)
+    cap = cache.budget.cap
+    if cap is not None and result.total_bytes > cap:
+        raise CacheFull(f"{name} is {result.total_bytes} bytes, more than the cache cap of "
+                        f"{cap}; mount it instead (a mount streams models larger than its cap)")
     if on_start:
         on_start(result.total_bytes)
 
@@ -67,6 +72,7 @@ async def pull(name: ModelName, client: RegistryClient, cache: BlobCache, *,
                 continue
             plan = await client.chunk_plan(name, layer, chunk_size)
             blob = cache.open_partial(layer.digest, layer.size, plan.chunks)
+            cache.budget.pin(blob.digest)  # our own chunks are not evicted to make room
             result.cached_bytes += blob.cached_bytes()
             result.unverified_layers += not plan.chunk_digests
             partials.append((blob, plan))
@@ -81,6 +87,7 @@ async def pull(name: ModelName, client: RegistryClient, cache: BlobCache, *,
             await blob.seal()
     finally:
         for blob, _ in partials:
+            cache.budget.unpin(blob.digest)
             cache.release(blob)
     # last, atomically, and off the loop (it fsyncs)
     await trio.to_thread.run_sync(cache.store.write_manifest, name.store_parts, manifest.raw)

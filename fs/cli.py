@@ -8,6 +8,7 @@ models, unreachable registries, verification failures); 2 bad usage; 130 interru
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import logging
@@ -183,7 +184,7 @@ def cmd_pull(args) -> int:
     started = time.monotonic()
 
     async def main():
-        cache = BlobCache(args.cache)
+        cache = BlobCache(args.cache, cap=args.cache_max, min_free=args.min_free)
         try:
             config = ClientConfig.from_env(max_connections=max(args.concurrency, 4))
             async with RegistryClient(config) as client:
@@ -219,7 +220,8 @@ def cmd_mount(args) -> int:
                         registry=registry, models=list(args.model),
                         read_timeout=args.read_timeout, allow_other=args.allow_other,
                         max_fetches=args.max_fetches, max_inflight=args.max_inflight,
-                        prefetch=args.prefetch, readahead=args.readahead)
+                        prefetch=args.prefetch, readahead=args.readahead,
+                        cache_max=args.cache_max, min_free=args.min_free)
     if args.foreground:
         return run_foreground(opts)
     return run_background(opts, opts.cache / "mount.log")
@@ -230,6 +232,69 @@ def cmd_unmount(args) -> int:
 
     unmount(args.mountpoint.resolve(), lazy=args.lazy)
     print(f"unmounted {args.mountpoint}")
+    return 0
+
+
+# -- status and evict ------------------------------------------------------------------------
+
+def _display(parts) -> str:
+    host, namespace, model, tag = parts
+    name = f"{model}:{tag}" if namespace == "library" else f"{namespace}/{model}:{tag}"
+    return name if host == "registry.ollama.ai" else f"{host}/{name}"
+
+
+def cmd_status(args) -> int:
+    from modelfs.cache.inventory import inventory
+
+    if not (args.cache / "index.sqlite").exists() and not (args.cache / "manifests").is_dir():
+        raise UsageError(f"{args.cache} is not a modelfs cache")
+    models, totals = inventory(args.cache)
+    if args.json:
+        print(json.dumps({
+            "cache": str(args.cache), **totals,
+            "models": [{"name": _display(m.parts), "size": m.size, "cached": m.cached,
+                        "sealed": m.sealed, "last_used": m.last_used or None,
+                        "blobs": [dataclasses.asdict(b) for b in m.blobs]} for m in models],
+        }, indent=2))
+        return 0
+    rows = [("NAME", "SIZE", "CACHED", "SEALED", "LAST USED")]
+    for m in models:
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(m.last_used)) if m.last_used \
+            else "-"
+        rows.append((_display(m.parts), format_size(m.size), format_size(m.cached),
+                     "yes" if m.sealed else "no", used))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    cap = f" of a {format_size(totals['cap'])} cap" if totals["cap"] else " (no cap)"
+    print(f"\ncache {args.cache}: {format_size(totals['cached'])} cached{cap}, "
+          f"{format_size(totals['allocated'])} allocated on disk")
+    return 0
+
+
+def cmd_evict(args) -> int:
+    from modelfs.cache.blobcache import BlobCache
+    from modelfs.cache.inventory import evict_blobs, inventory
+    from modelfs.fetcher.names import Registry, parse_name
+
+    if bool(args.name) == args.all:
+        raise UsageError("name a model to evict, or use --all")
+    models, _ = inventory(args.cache)
+    if args.all:
+        chosen = models
+    else:
+        name = parse_name(args.name, Registry.from_url(args.registry))
+        chosen = [m for m in models if m.parts == name.store_parts]
+        if not chosen:
+            raise UsageError(f"{args.name} is not in the cache {args.cache}")
+    cache = BlobCache(args.cache)  # refused (CacheBusy) while a mount or a pull uses it
+    try:
+        freed = evict_blobs(cache, sorted({b.digest for m in chosen for b in m.blobs}))
+        for m in chosen:
+            cache.store.manifest_path(m.parts).unlink(missing_ok=True)  # no longer complete
+    finally:
+        cache.close()
+    print(f"evicted {len(chosen)} model(s), {format_size(freed)} freed")
     return 0
 
 
@@ -280,6 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=8, help="chunks in flight (default 8)")
     p.add_argument("--chunk-size", type=size_arg, default=DEFAULT_CHUNK_SIZE, metavar="SIZE",
                    help="range size when the registry has no chunk list (default 8M)")
+    p.add_argument("--cache-max", type=size_arg, default=None, metavar="SIZE",
+                   help="keep the cache's disk use under SIZE, evicting least recently used "
+                   "chunks (e.g. 20G)")
+    p.add_argument("--min-free", type=size_arg, default=None, metavar="SIZE",
+                   help="keep at least SIZE free on the cache's filesystem, evicting sooner")
     p.set_defaults(func=cmd_pull)
 
     p = sub.add_parser("mount", help="mount the registry's models as lazily fetched files")
@@ -308,7 +378,26 @@ def build_parser() -> argparse.ArgumentParser:
                    "large sequential reads and mmap arrive as 1 MiB requests")
     p.add_argument("--allow-other", action="store_true",
                    help="let other users read the mount (e.g. an ollama service user)")
+    p.add_argument("--cache-max", type=size_arg, default=None, metavar="SIZE",
+                   help="keep the cache's disk use under SIZE, evicting least recently used "
+                   "chunks (e.g. 20G)")
+    p.add_argument("--min-free", type=size_arg, default=None, metavar="SIZE",
+                   help="keep at least SIZE free on the cache's filesystem, evicting sooner")
     p.set_defaults(func=cmd_mount)
+
+    p = sub.add_parser("status", help="what the cache holds, model by model")
+    p.add_argument("--cache", type=pathlib.Path, default=default_cache_dir(),
+                   help="cache directory (default $MODELFS_CACHE or ~/.cache/modelfs)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("evict", help="drop a model's cached data (refused while mounted)")
+    p.add_argument("name", nargs="?", help="model name")
+    p.add_argument("--all", action="store_true", help="drop everything")
+    p.add_argument("--cache", type=pathlib.Path, default=default_cache_dir(),
+                   help="cache directory (default $MODELFS_CACHE or ~/.cache/modelfs)")
+    p.add_argument("--registry", default=os.environ.get("MODELFS_REGISTRY"), help=registry_help)
+    p.set_defaults(func=cmd_evict)
 
     p = sub.add_parser("unmount", help="unmount a modelfs mount and wait for its daemon")
     p.add_argument("mountpoint", type=pathlib.Path)

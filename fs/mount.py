@@ -27,6 +27,7 @@ from modelfs.fetcher.client import ClientConfig, RegistryClient
 from modelfs.fetcher.groups import first_error
 from modelfs.fetcher.materializer import Materializer
 from modelfs.fetcher.names import Registry, parse_name
+from modelfs.fetcher.prefetch import PrefetchConfig
 from modelfs.fetcher.resolver import ModelResolver
 
 from .ops import ModelOps
@@ -51,6 +52,8 @@ class MountOptions:
     max_inflight: int = 64 << 20
     prefetch: str = "auto"
     readahead: int = 4 << 20
+    cache_max: int | None = None
+    min_free: int | None = None
 
 
 # -- the kernel's view of mounts ------------------------------------------------------------
@@ -186,6 +189,13 @@ def fuse_options(opts: MountOptions) -> set[str]:
     return options
 
 
+async def _flush_recency(cache: BlobCache) -> None:
+    """Write the chunks' last-use times to the index now and then (LRU across restarts)."""
+    while True:
+        await trio.sleep(5)
+        cache.budget.flush()
+
+
 async def _quietly(fn, *args) -> None:
     """Background work whose failure is logged, not fatal to the mount."""
     try:
@@ -205,7 +215,7 @@ async def _watch_signals(task_status=trio.TASK_STATUS_IGNORED) -> None:
 
 async def serve_mount(opts: MountOptions, ready) -> None:
     """Mount, call `ready(None)` once the mount is visible, serve until unmounted."""
-    cache = BlobCache(opts.cache)
+    cache = BlobCache(opts.cache, cap=opts.cache_max, min_free=opts.min_free)
     state = {"mounted": False}
     try:
         async with RegistryClient(ClientConfig.from_env()) as client:
@@ -243,8 +253,15 @@ async def _serve(opts, cache, client, nursery, ready, state) -> None:
     materializer = Materializer(client, cache, nursery, workers=opts.max_fetches,
                                 max_inflight=opts.max_inflight,
                                 background=opts.prefetch == "auto", on_sealed=on_sealed)
+    config = PrefetchConfig()
+    if opts.cache_max is not None:  # a window larger than a quarter of the cap would thrash
+        quarter = max(opts.cache_max // 4, 1 << 20)
+        config = PrefetchConfig(initial_window=min(config.initial_window, quarter),
+                                max_window=min(config.max_window, quarter))
     ops = ModelOps(tree, resolver, materializer, cache_root=cache.root,
-                   read_timeout=opts.read_timeout, prefetch=opts.prefetch)
+                   read_timeout=opts.read_timeout, prefetch=opts.prefetch,
+                   prefetch_config=config)
+    nursery.start_soon(_flush_recency, cache)
     await nursery.start(_watch_signals)
     pyfuse3.init(ops, str(opts.mountpoint), fuse_options(opts))
     state["mounted"] = True

@@ -63,7 +63,7 @@ async def test_round_trip_matches_source_and_ollama_layout(live_registry, cache,
     assert (cache.store.blob_path(imported.config.digest).read_bytes()
             == reg.models.blob_path(imported.config.digest).read_bytes())
     assert list(cache.partial_dir.iterdir()) == []
-    assert cache.index.digests() == []
+    assert cache.index.in_progress() == []
     assert {s.user_agent for s in reg.faults.seen} == {user_agent()}
     assert result.fetched_bytes == sum(layer.size for layer in layers)
 

@@ -1,0 +1,286 @@
+"""The cache across crashes and under a disk budget: kill -9 in the middle of reads, a cap far
+below the model, a garbage index, and what `status` and `evict` report and do."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import threading
+import time
+
+import pytest
+import trio
+
+from .conftest import sha256_file
+from .mounting import MODELFS, Mount, fuse_available
+
+pytestmark = fuse_available
+CHUNK = 64 << 10
+
+
+def cache_bytes_on_disk(cache) -> int:
+    total = 0
+    for sub in ("partial", "blobs"):
+        d = cache / sub
+        if d.exists():
+            for p in d.iterdir():
+                try:
+                    total += p.stat().st_blocks * 512
+                except FileNotFoundError:
+                    pass
+    return total
+
+
+def check_recorded_chunks(cache, digest) -> set[str]:
+    """Every chunk the index calls present has exactly its digest's bytes; returns them."""
+    with sqlite3.connect(cache / "index.sqlite") as db:
+        rows = db.execute('SELECT start, "end", chunk_digest, present FROM chunks '
+                          "WHERE digest=?", (digest,)).fetchall()
+        sealed = db.execute("SELECT 1 FROM sealed WHERE digest=?", (digest,)).fetchone()
+    path = (cache / "blobs" / ("sha256-" + digest[7:])) if sealed else \
+        (cache / "partial" / ("sha256-" + digest[7:] + ".partial"))
+    present = set()
+    if not rows:
+        return present
+    with open(path, "rb") as f:
+        for start, end, chunk_digest, here in rows:
+            if here:
+                f.seek(start)
+                got = "sha256:" + hashlib.sha256(f.read(end - start)).hexdigest()
+                assert got == chunk_digest, f"chunk {start}-{end - 1} recorded but wrong"
+                present.add(f"bytes={start}-{end - 1}")
+    return present
+
+
+async def _start(m: Mount):
+    return await trio.to_thread.run_sync(m.start)
+
+
+async def test_kill_9_mid_read_twenty_times(live_registry, tmp_path):
+    reg = await live_registry(chunk_size=CHUNK)
+    source, imported = reg.add_model("crashy", 64 * CHUNK)
+    d = imported.model.digest
+    expected = source.read_bytes()
+    reg.faults.delay = 0.01
+    cache = tmp_path / "cache"
+    m = Mount(tmp_path / "mnt", cache, reg.url, "--prefetch", "sequential")
+    rng = random.Random(7)
+    try:
+        for round_ in range(20):
+            await _start(m)
+            path = m.path / "crashy:latest" / "model.gguf"
+            got = bytearray()
+
+            def reader():
+                try:
+                    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+                    try:
+                        for k in range(64):
+                            piece = os.pread(fd, CHUNK, k * CHUNK)
+                            got.extend(piece)
+                    finally:
+                        os.close(fd)
+                except OSError:
+                    pass  # the daemon died under us: expected
+
+            thread = threading.Thread(target=reader)
+            thread.start()
+            await trio.sleep(rng.uniform(0.02, 0.4))
+            os.kill(m.pid, signal.SIGKILL)
+            await trio.to_thread.run_sync(m.wait_gone)
+            await trio.to_thread.run_sync(thread.join, 30)
+            assert bytes(got) == expected[:len(got)], f"wrong bytes served in round {round_}"
+            check_recorded_chunks(cache, d)
+
+        recorded = check_recorded_chunks(cache, d)
+        assert recorded, "twenty rounds and nothing was ever recorded"
+        before = len(reg.faults.ranges(d))
+        reg.faults.delay = 0
+        await _start(m)
+        digest = await trio.to_thread.run_sync(sha256_file, m.path / "crashy:latest" /
+                                               "model.gguf")
+        assert digest == d
+        again = set(reg.faults.ranges(d)[before:])
+        assert not again & recorded  # what was recorded before the kill is not fetched again
+    finally:
+        await trio.to_thread.run_sync(m.cleanup)
+
+
+async def test_cap_far_below_the_model_streams_through(live_registry, tmp_path):
+    chunk = 8 << 20
+    reg = await live_registry(chunk_size=chunk)
+    source, imported = reg.add_model("huge", 512 << 20)
+    d = imported.model.digest
+    cache = tmp_path / "cache"
+    cap, inflight = 64 << 20, 32 << 20
+    m = Mount(tmp_path / "mnt", cache, reg.url, "--cache-max", "64M", "--max-inflight", "32M")
+    samples = []
+    stop = threading.Event()
+
+    def sampler():
+        while not stop.is_set():
+            samples.append(cache_bytes_on_disk(cache))
+            time.sleep(0.02)
+
+    try:
+        await _start(m)
+        path = m.path / "huge:latest" / "model.gguf"
+        thread = threading.Thread(target=sampler)
+        thread.start()
+        try:
+            digest = await trio.to_thread.run_sync(sha256_file, path)
+        finally:
+            stop.set()
+            await trio.to_thread.run_sync(thread.join)
+        assert digest == d
+        assert max(samples) <= cap + inflight, max(samples) / 2**20
+        assert max(samples) >= cap - 2 * chunk  # it did fill up to the cap
+        assert not (cache / "blobs" / ("sha256-" + d[7:])).exists()  # never complete at once
+
+        # the start was evicted long ago: reading it again fetches it again, right bytes
+        first = f"bytes=0-{chunk - 1}"
+        assert reg.faults.ranges(d).count(first) == 1
+
+        def read_start():  # O_DIRECT: past the kernel's page cache, to the daemon
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+            try:
+                return os.pread(fd, 1 << 20, 0)
+            finally:
+                os.close(fd)
+        assert await trio.to_thread.run_sync(read_start) == source.read_bytes()[:1 << 20]
+        assert reg.faults.ranges(d).count(first) == 2
+
+        status = await trio.to_thread.run_sync(lambda: subprocess.run(
+            MODELFS + ["status", "--cache", str(cache), "--json"], capture_output=True,
+            text=True, check=True))
+        report = json.loads(status.stdout)
+        assert report["cap"] == cap
+        blob = next(b for mdl in report["models"] for b in mdl["blobs"] if b["digest"] == d)
+        assert blob["cached"] <= cap + inflight
+        assert abs(blob["cached"] - blob["allocated"]) < 4096
+    finally:
+        await trio.to_thread.run_sync(m.cleanup)
+
+
+def _serve_and_mount(tmp_path, size, *extra, chunk="64K"):
+    """A `modelfs serve` subprocess with one model, and a mount of it (not started)."""
+    from .gguf_factory import make_gguf_of_size
+    from .mounting import Server
+    models = tmp_path / "models"
+    source = make_gguf_of_size(tmp_path / "src.gguf", size, seed=11)
+    subprocess.run(MODELFS + ["import", str(source), "m:1", "--models", str(models)],
+                   check=True, capture_output=True)
+    server = Server(models, tmp_path / "state", tmp_path / "serve.log", chunk).start()
+    return source, server, Mount(tmp_path / "mnt", tmp_path / "cache", server.url, *extra)
+
+
+def test_garbage_index_is_a_cold_cache_not_an_error(tmp_path):
+    source, server, m = _serve_and_mount(tmp_path, 3 << 20, "--prefetch", "none")
+    try:
+        m.start()
+        path = m.path / "m:1" / "model.gguf"
+        with open(path, "rb") as f:
+            f.read(1 << 20)
+        subprocess.run(MODELFS + ["unmount", str(m.path)], check=True, capture_output=True)
+        m.wait_gone()
+        (m.cache / "index.sqlite").write_bytes(os.urandom(5000))
+        for suffix in ("-wal", "-shm"):
+            (m.cache / f"index.sqlite{suffix}").unlink(missing_ok=True)
+        m.start()
+        assert sha256_file(path) == sha256_file(source)
+        assert "unreadable" in m.log()
+    finally:
+        m.cleanup()
+        server.stop()
+
+
+def test_status_matches_disk_and_evict_is_refused_while_mounted(tmp_path):
+    source, server, m = _serve_and_mount(tmp_path, 3 << 20, "--prefetch", "none")
+    try:
+        m.start()
+        path = m.path / "m:1" / "model.gguf"
+        with open(path, "rb") as f:
+            f.seek(1 << 20)
+            f.read(300 << 10)  # a few chunks in the middle
+        time.sleep(0.8)  # chunks are recorded in batches
+        report = json.loads(subprocess.run(
+            MODELFS + ["status", "--cache", str(m.cache), "--json"], capture_output=True,
+            text=True, check=True).stdout)
+        (model,) = report["models"]
+        blob = max(model["blobs"], key=lambda b: b["size"])
+        partial = m.cache / "partial" / ("sha256-" + blob["digest"][7:] + ".partial")
+        assert blob["cached"] > 0 and not blob["sealed"]
+        assert blob["cached"] == partial.stat().st_blocks * 512
+        table = subprocess.run(MODELFS + ["status", "--cache", str(m.cache)],
+                               capture_output=True, text=True, check=True).stdout
+        assert "m:1" in table and "no" in table
+
+        busy = subprocess.run(MODELFS + ["evict", "m:1", "--registry", server.url, "--cache",
+                                         str(m.cache)], capture_output=True, text=True)
+        assert busy.returncode == 1 and "in use by another modelfs process" in busy.stderr
+        subprocess.run(MODELFS + ["unmount", str(m.path)], check=True, capture_output=True)
+        m.wait_gone()
+        done = subprocess.run(MODELFS + ["evict", "m:1", "--registry", server.url, "--cache",
+                                         str(m.cache)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert not partial.exists()
+        after = json.loads(subprocess.run(
+            MODELFS + ["status", "--cache", str(m.cache), "--json"], capture_output=True,
+            text=True, check=True).stdout)
+        assert after["cached"] == 0
+    finally:
+        m.cleanup()
+        server.stop()
+
+
+def test_disk_full_evicts_and_retries_then_fails_cleanly(tmp_path):
+    """A cache on a 24 MiB filesystem, no cap: a 40 MiB model still reads (ENOSPC -> evict ->
+    retry); on a filesystem smaller than one chunk the read fails with EIO, nothing wrong kept."""
+    source, server, m = _serve_and_mount(tmp_path, 40 << 20, "--prefetch", "sequential",
+                                         chunk="1M")
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted_tmpfs = []
+    try:
+        for size in ("24m", "768k"):
+            r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
+                                str(small)], capture_output=True, text=True)
+            if r.returncode:
+                pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+            mounted_tmpfs.append(small)
+            m.cache = small / "cache"
+            m.start()
+            path = m.path / "m:1" / "model.gguf"
+            if size == "24m":
+                assert sha256_file(path) == sha256_file(source)
+                assert "evicted" in m.log()
+            else:
+                fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+                try:
+                    with pytest.raises(OSError) as exc:
+                        os.pread(fd, 1 << 20, 0)
+                    assert exc.value.errno == 5  # EIO
+                finally:
+                    os.close(fd)
+                assert "no room on disk" in m.log()
+            subprocess.run(MODELFS + ["unmount", str(m.path)], check=True, capture_output=True)
+            m.wait_gone()
+            check_recorded_chunks(m.cache, _model_digest(server))
+            subprocess.run(["umount", "-l", str(small)], check=True)
+            mounted_tmpfs.pop()
+    finally:
+        m.cleanup()
+        for path in mounted_tmpfs:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)
+        server.stop()
+
+
+def _model_digest(server) -> str:
+    manifest = server.models / "manifests" / "registry.ollama.ai" / "library" / "m" / "1"
+    doc = json.loads(manifest.read_bytes())
+    return next(l["digest"] for l in doc["layers"] if l["mediaType"].endswith("model"))
