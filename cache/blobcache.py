@@ -27,7 +27,7 @@ import trio
 
 from .budget import DiskBudget
 from .buffers import punch_hole
-from .chunks import DEFAULT_CHUNK_SIZE, Chunk, check_coverage, fixed_chunks
+from .chunks import Chunk, check_coverage
 from .digests import parse_digest
 from .errors import ModelfsError
 from .index import ChunkIndex
@@ -80,7 +80,8 @@ class BlobCache:
     """Owns the index and the open partial blobs of one cache directory (trio thread only)."""
 
     def __init__(self, root: os.PathLike | str, *, durable: bool = True, io_threads: int = 2,
-                 cap: int | None = None, min_free: int | None = None):
+                 cap: int | None = None, min_free: int | None = None,
+                 sync_interval: float = 0.5):
         self.root = pathlib.Path(root)
         self.store = ModelsDir(self.root).create()
         # One process per cache: two writers would race on the same partial files and seals.
@@ -89,11 +90,13 @@ class BlobCache:
         self.partial_dir.mkdir(exist_ok=True)
         self.index = ChunkIndex(self.root / "index.sqlite")
         self.durable = durable
+        self.sync_interval = sync_interval  # chunks are made durable in batches this far apart
         # Hashing, pwrite and fsync threads. The machine has about one core of compute, so a
         # couple of threads keep the disk and the hash busy without oversubscribing the CPU.
         self.limiter = trio.CapacityLimiter(io_threads)
         self._open: dict[str, PartialBlob] = {}
         self._retired: list[PartialBlob] = []  # replaced while readers may still hold them
+        self._adopting: dict[str, trio.Lock] = {}
         self._clean_leftovers()
         self.budget = DiskBudget(self, cap=cap, min_free=min_free)
 
@@ -128,10 +131,21 @@ class BlobCache:
             st.st_size, st.st_mtime_ns, st.st_ino)
 
     async def adopt_sealed(self, digest: str, size: int) -> bool:
-        """Trust a file in `blobs/` we did not seal only after hashing it (in a thread). A
-        file that does not match its name is removed, loudly. True if the blob is sealed."""
+        """Trust a file in `blobs/` we did not seal only after hashing it (in a thread, once
+        however many readers ask). A file that does not match its name is removed, loudly.
+        True if the blob is sealed. (An adopted blob has no chunk list, so it is not evicted
+        chunk by chunk; `modelfs evict` drops it.)"""
         if self.is_sealed(digest, size):
             return True
+        if not self.store.has_blob(digest, size):
+            return False
+        lock = self._adopting.setdefault(digest, trio.Lock())
+        async with lock:
+            if self.is_sealed(digest, size):
+                return True
+            return await self._adopt(digest, size)
+
+    async def _adopt(self, digest: str, size: int) -> bool:
         path = self.store.blob_path(digest)
         if not self.store.has_blob(digest, size):
             return False
@@ -142,11 +156,6 @@ class BlobCache:
             path.unlink(missing_ok=True)
             return False
         self.index.record_sealed(digest, size, mtime_ns, ino)
-        if self.index.load(digest) is None:
-            # chunk rows so the blob can be evicted chunk by chunk like any other
-            self.index.replace(digest, size, fixed_chunks(size, DEFAULT_CHUNK_SIZE))
-            self.index.mark_present(digest, list(range(len(fixed_chunks(size,
-                                                                          DEFAULT_CHUNK_SIZE)))))
         self.budget.used += size
         return True
 
@@ -180,7 +189,7 @@ class BlobCache:
         blob = PartialBlob(digest=digest, size=size, chunks=chunks, present=present, path=path,
                            final_path=self.store.blob_path(digest), index=self.index,
                            limiter=self.limiter, durable=self.durable,
-                           reserve=self.budget.reserve)
+                           reserve=self.budget.reserve, sync_interval=self.sync_interval)
         self._open[digest] = blob
         return blob
 
@@ -234,11 +243,19 @@ class BlobCache:
         blob = PartialBlob(digest=digest, size=size, chunks=chunks, present=present, path=path,
                            final_path=self.store.blob_path(digest), index=self.index,
                            limiter=self.limiter, durable=self.durable,
-                           reserve=self.budget.reserve, sealed=True)
+                           reserve=self.budget.reserve, sealed=True,
+                           sync_interval=self.sync_interval)
         blob.unseal()
         self._open[digest] = blob
         self.budget.unsealed(digest)
         return blob
+
+    def drop(self, blob: PartialBlob) -> None:
+        """Forget an open blob that was discarded (its fd is closed with the cache: a read in
+        a thread may still hold it); the next open starts from the index."""
+        if self._open.get(blob.digest) is blob:
+            del self._open[blob.digest]
+            self._retired.append(blob)
 
     def open_blobs(self) -> list[PartialBlob]:
         return [b for b in self._open.values() if not b.sealed]

@@ -77,6 +77,13 @@ class DiskBudget:
             self._cache.index.touch([(t, d, i) for (d, i), t in self._touched.items()])
             self._touched.clear()
 
+    def resync(self) -> None:
+        """Recount `used` from the index and the chunks written but not yet recorded."""
+        pending = sum(c.length for blob in self._cache.open_blobs()
+                      for c, readable, present in zip(blob.chunks, blob.readable, blob.present)
+                      if readable and not present)
+        self.used = self._cache.index.usage() + pending
+
     def unsealed(self, digest: str) -> None:
         for callback in self.on_unseal:
             callback(digest)

@@ -32,7 +32,8 @@ class Pieces:
         base = self._starts[k]
         if hi - base <= len(self.parts[k]):
             return memoryview(self.parts[k])[lo - base:hi - base]
-        return bytes(self)[lo:hi]
+        last = bisect.bisect_left(self._starts, hi) - 1
+        return b"".join(self.parts[k:last + 1])[lo - base:hi - base]
 
 
 def parts_of(data) -> list:

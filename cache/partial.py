@@ -39,7 +39,7 @@ from .store import fsync_dir
 log = logging.getLogger(__name__)
 
 # Bytes of chunks that arrived ahead of the sealer kept in memory for it, per blob.
-EARLY_LIMIT = 32 << 20
+EARLY_LIMIT = 16 << 20
 
 
 def _sha256(data) -> str:
@@ -107,7 +107,7 @@ class PartialBlob:
     def __init__(self, *, digest: str, size: int, chunks: list[Chunk], present: list[bool],
                  path: pathlib.Path, final_path: pathlib.Path, index: ChunkIndex,
                  limiter: trio.CapacityLimiter, durable: bool = True, reserve=None,
-                 sealed: bool = False):
+                 sealed: bool = False, sync_interval: float = 0.5):
         self.digest, self.size = digest, size
         self.chunks = check_coverage(chunks, size)
         self.present = present  # durable and recorded in the index
@@ -123,11 +123,12 @@ class PartialBlob:
         self._fd = os.open(final_path if sealed else path, os.O_RDWR | os.O_CREAT, 0o644)
         if os.fstat(self._fd).st_size != size:
             os.ftruncate(self._fd, size)
-        self._sync = GroupSync(self._fd, limiter)
+        self._sync = GroupSync(self._fd, limiter, sync_interval)
         self._hasher = hashlib.sha256()
         self._hashed_upto = 0  # chunks [0, _hashed_upto) are in the sealer's hash
         self._seal_lock = trio.Lock()
         self._write_lock = trio.Lock()
+        self._sealing = False
         self._starts = [c.start for c in self.chunks]
         self.sealed = sealed
 
@@ -203,10 +204,6 @@ class PartialBlob:
             # bytes for it rather than read them back from disk a moment later
             self._early[i] = data
             self._early_bytes += len(data)
-        if not self._seal_lock.locked():
-            # Whoever holds the lock re-checks `readable` after each await, so chunks that land
-            # meanwhile are picked up; waiting here would stall this fetcher behind a read-back.
-            await self._advance_sealer()
         return True
 
     async def commit_chunk(self, i: int) -> None:
@@ -220,6 +217,11 @@ class PartialBlob:
             return  # evicted while it waited to be durable: nothing to record
         self.present[i] = True
         self._index.mark_present(self.digest, [i])
+        if not self._seal_lock.locked():
+            # Catch the sealer up on chunks that arrived out of order (reading them back).
+            # Here, not in write_chunk: readers waiting for a chunk never wait for this. Whoever
+            # holds the lock re-checks `readable` after each await, so nothing is missed.
+            await self._advance_sealer()
 
     async def _advance_sealer(self) -> None:
         """Hash the readable chunks that follow the sealer's position, reading them back."""
@@ -261,6 +263,13 @@ class PartialBlob:
         """
         if not self.complete:
             raise RuntimeError("seal() called with chunks missing")
+        self._sealing = True  # no chunk is evicted from under the seal (evict_chunk refuses)
+        try:
+            return await self._seal()
+        finally:
+            self._sealing = False
+
+    async def _seal(self) -> pathlib.Path:
         await self._advance_sealer()
         actual = "sha256:" + self._hasher.hexdigest()
         if actual != self.digest:
@@ -272,6 +281,8 @@ class PartialBlob:
                                f"{actual}; the cached copy was discarded")
         if self._durable:
             await trio.to_thread.run_sync(os.fsync, self._fd, limiter=self._limiter)
+        if not self.complete:
+            raise RuntimeError(f"blob {self.digest[:19]} lost a chunk while being sealed")
         os.chmod(self.path, 0o644)
         os.replace(self.path, self.final_path)
         st = os.fstat(self._fd)
@@ -290,7 +301,14 @@ class PartialBlob:
         only ever holds complete blobs). The fd keeps naming the same file."""
         if not self.sealed:
             return
-        os.replace(self.final_path, self.path)
+        try:
+            os.replace(self.final_path, self.path)
+        except FileNotFoundError:  # removed behind our back: nothing of it is on disk
+            log.warning("sealed blob %s is gone from blobs/", self.digest[:19])
+            self.present = [False] * len(self.chunks)
+            self.readable = [False] * len(self.chunks)
+            self._index.mark_absent(self.digest, list(range(len(self.chunks))))
+            self.path.touch()
         self._index.forget_sealed(self.digest)
         self.sealed = False
         self._hasher, self._hashed_upto = hashlib.sha256(), 0  # will be re-read when complete
@@ -300,6 +318,8 @@ class PartialBlob:
     async def evict_chunk(self, i: int) -> int:
         """Give chunk `i`'s disk space back (punch a hole); it is fetched again when needed.
         The caller makes sure nobody is reading it. Returns the bytes freed."""
+        if self._sealing or self._seal_lock.locked():
+            return 0  # being hashed or sealed right now: not a candidate
         if self.sealed:
             self.unseal()
         chunk = self.chunks[i]

@@ -39,7 +39,7 @@ import trio
 from modelfs.cache.blobcache import BlobCache
 from modelfs.cache.buffers import Pieces
 from modelfs.cache.chunks import DEFAULT_CHUNK_SIZE
-from modelfs.cache.errors import ModelfsError, SealMismatch
+from modelfs.cache.errors import CacheFull, ModelfsError, SealMismatch
 from modelfs.cache.partial import PartialBlob, _pread_exact
 
 from .client import RegistryClient
@@ -387,12 +387,20 @@ class Materializer:
                 raise flight.error
 
     async def _fetch_whole(self, state: _BlobState, blob: PartialBlob) -> None:
-        for i in blob.missing():
-            self._want(state, blob, i, DEMAND)
-        for i in range(len(blob.chunks)):
-            await self._wait_chunk(state, i)
-        if not blob.complete:  # written, not yet durable: the workers are committing
-            await state.completed.wait()
+        cap = self._budget.cap
+        if cap is not None and blob.size > cap:
+            raise CacheFull(f"blob {blob.digest[:19]} has no chunk digests, so it is served "
+                            f"only once whole, and it is larger than the cache cap")
+        self._budget.pin(blob.digest)  # whole, at once: none of it may be evicted meanwhile
+        try:
+            for i in blob.missing():
+                self._want(state, blob, i, DEMAND)
+            for i in range(len(blob.chunks)):
+                await self._wait_chunk(state, i)
+            for i in range(len(blob.chunks)):  # durable and recorded (idempotent)
+                await blob.commit_chunk(i)
+        finally:
+            self._budget.unpin(blob.digest)
         done = self._seal_soon(state, blob)
         await done.wait()
         if not blob.sealed:
@@ -412,6 +420,7 @@ class Materializer:
         except SealMismatch as exc:
             # The chunk list lied: distrust it, refuse reads for a while, then start over.
             state.seal_error = exc
+            self._cache.drop(blob)
             state.partial, state.url = None, None
             state.completed = trio.Event()
             state.quarantined_until = trio.current_time() + self._quarantine_seconds

@@ -9,8 +9,8 @@
   does not exist answer at once without asking the registry again.
 - Lookups of one name are single-flight.
 
-Concurrency contract: trio thread only; the small file reads and writes here are of manifests
-(kilobytes) and stay on the loop.
+Concurrency contract: trio thread only; manifests (kilobytes) are read on the loop, written
+(with fsync) in a thread.
 """
 
 from __future__ import annotations
@@ -69,7 +69,10 @@ class ModelResolver:
             self._missing.pop(name, None)
             return manifest
         except NotFound as exc:
-            self._missing[name] = (trio.current_time() + self._negative_ttl, exc)
+            now = trio.current_time()
+            for old in [n for n, (until, _) in self._missing.items() if until < now]:
+                del self._missing[old]  # remembered for a while, not forever
+            self._missing[name] = (now + self._negative_ttl, exc)
             raise
         finally:
             del self._flights[name]
@@ -87,7 +90,7 @@ class ModelResolver:
             log.warning("registry unavailable for %s (%s); using the manifest saved locally",
                         name, exc)
             return local
-        self._saved.write_manifest(name.store_parts, manifest.raw)
+        await trio.to_thread.run_sync(self._saved.write_manifest, name.store_parts, manifest.raw)
         return manifest
 
     def _local(self, name: ModelName) -> Manifest | None:
@@ -100,7 +103,7 @@ class ModelResolver:
                     log.warning("saved manifest of %s is unusable: %s", name, exc)
         return None
 
-    def promote_if_complete(self, name: ModelName) -> bool:
+    async def promote_if_complete(self, name: ModelName) -> bool:
         """Write the manifest into `manifests/` once all its blobs are sealed (so the cache
         stays a valid Ollama models directory)."""
         manifest = self._known.get(name)
@@ -109,6 +112,7 @@ class ModelResolver:
         if not all(self._cache.is_sealed(b.digest, b.size) for b in manifest.blobs()):
             return False
         if self._cache.store.read_manifest(name.store_parts) != manifest.raw:
-            self._cache.store.write_manifest(name.store_parts, manifest.raw)
+            await trio.to_thread.run_sync(self._cache.store.write_manifest, name.store_parts,
+                                          manifest.raw)
             log.info("all blobs of %s are sealed; manifest written to manifests/", name)
         return True

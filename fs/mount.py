@@ -120,8 +120,8 @@ async def tune_readahead(path: os.PathLike | str, size: int) -> None:
         try:
             if knob.read_text().strip() != want:
                 knob.write_text(want)
-        except OSError as exc:
-            log.info("could not set readahead of %s (%s): %s", path, knob, exc.strerror)
+        except Exception as exc:
+            log.info("could not set readahead of %s (%s): %s", path, knob, exc)
             return
 
 
@@ -190,10 +190,15 @@ def fuse_options(opts: MountOptions) -> set[str]:
 
 
 async def _flush_recency(cache: BlobCache) -> None:
-    """Write the chunks' last-use times to the index now and then (LRU across restarts)."""
+    """Now and then: write the chunks' last-use times to the index (LRU across restarts) and
+    recount the bytes on disk (the running count only approximates between recounts)."""
     while True:
         await trio.sleep(5)
-        cache.budget.flush()
+        try:
+            cache.budget.flush()
+            cache.budget.resync()
+        except Exception as exc:  # a full disk or a busy index must not end the mount
+            log.warning("updating the cache index failed: %s", exc)
 
 
 async def _quietly(fn, *args) -> None:
@@ -241,7 +246,7 @@ async def _serve(opts, cache, client, nursery, ready, state) -> None:
         # is in, so the cache holds a complete Ollama model and the manifest can be promoted.
         if manifest.config is not None:
             await materializer.read(name, manifest.config, 0, manifest.config.size)
-        resolver.promote_if_complete(name)
+        await resolver.promote_if_complete(name)
 
     def on_sealed(digest: str) -> None:
         for name, manifest in resolver.known().items():

@@ -34,7 +34,7 @@ def piece(i: int) -> bytes:
 
 @pytest.fixture
 def cache(tmp_path):
-    c = BlobCache(tmp_path / "c")
+    c = BlobCache(tmp_path / "c", sync_interval=0.01)
     yield c
     c.close()
 
@@ -85,13 +85,13 @@ async def test_a_chunk_is_recorded_only_after_it_is_durable(cache, monkeypatch):
 
 
 async def test_resume_keeps_chunks_for_the_same_list_only(tmp_path):
-    cache = BlobCache(tmp_path / "c")
+    cache = BlobCache(tmp_path / "c", sync_interval=0.01)
     blob = cache.open_partial(DIGEST, SIZE, CHUNKS)
     for i in (0, 5):
         await blob.put_chunk(i, piece(i))
     cache.close()
 
-    cache = BlobCache(tmp_path / "c")  # as after a restart
+    cache = BlobCache(tmp_path / "c", sync_interval=0.01)  # as after a restart
     blob = cache.open_partial(DIGEST, SIZE, CHUNKS)
     assert blob.missing() == [1, 2, 3, 4, 6, 7, 8, 9]
     assert blob.cached_bytes() == 2000
@@ -100,7 +100,7 @@ async def test_resume_keeps_chunks_for_the_same_list_only(tmp_path):
     assert (await blob.seal()).read_bytes() == DATA  # the sealer re-read the resumed chunks
     cache.close()
 
-    cache = BlobCache(tmp_path / "c")
+    cache = BlobCache(tmp_path / "c", sync_interval=0.01)
     other = d(DATA[::-1])
     blob = cache.open_partial(other, SIZE, chunks_of(DATA[::-1]))
     await blob.put_chunk(0, DATA[::-1][:1000])
@@ -146,7 +146,7 @@ def test_garbage_index_is_an_empty_cache(tmp_path, caplog):
     (root / "partial").mkdir()
     (root / "partial" / "sha256-" ).with_name("sha256-" + "a" * 64 + ".partial").write_bytes(b"x")
     with caplog.at_level(logging.WARNING):
-        cache = BlobCache(root)
+        cache = BlobCache(root, sync_interval=0.01)
     assert "unreadable" in caplog.text
     assert cache.index.digests() == []
     assert list((root / "partial").iterdir()) == []  # unknown partials are removed
@@ -154,8 +154,67 @@ def test_garbage_index_is_an_empty_cache(tmp_path, caplog):
 
 
 def test_one_process_per_cache(tmp_path):
-    first = BlobCache(tmp_path / "c")
+    first = BlobCache(tmp_path / "c", sync_interval=0.01)
     with pytest.raises(CacheBusy, match=f"pid {os.getpid()}"):
-        BlobCache(tmp_path / "c")
+        BlobCache(tmp_path / "c", sync_interval=0.01)
     first.close()
-    BlobCache(tmp_path / "c").close()
+    BlobCache(tmp_path / "c", sync_interval=0.01).close()
+
+
+async def test_no_chunk_is_evicted_from_under_a_seal(tmp_path):
+    """A cap forces eviction while another blob is being sealed: the sealed blob must be whole
+    (the eviction takes other chunks, or goes over the cap, never a hole in blobs/)."""
+    step = 1 << 20
+    a_data, b_data = os.urandom(8 * step), os.urandom(8 * step)
+    cache = BlobCache(tmp_path / "c", sync_interval=0.01, cap=9 * step)
+    try:
+        a = cache.open_partial(d(a_data), len(a_data), chunks_of(a_data, step))
+        for i in range(8):
+            await a.put_chunk(i, a_data[i * step:(i + 1) * step])
+        b = cache.open_partial(d(b_data), len(b_data), chunks_of(b_data, step))
+        sealed = {}
+
+        async def seal_a():
+            sealed["path"] = await a.seal()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(seal_a)
+            for i in range(3):
+                nursery.start_soon(b.put_chunk, i, b_data[i * step:(i + 1) * step])
+        data = cache.store.blob_path(d(a_data)).read_bytes() if cache.is_sealed(
+            d(a_data), len(a_data)) else None
+        assert data is None or data == a_data
+        for blob, source in ((a, a_data), (b, b_data)):
+            for i, chunk in enumerate(blob.chunks):
+                if blob.readable[i]:
+                    assert (await blob.read(chunk.start, chunk.length)) == \
+                        source[chunk.start:chunk.end]
+    finally:
+        cache.close()
+
+
+async def test_eviction_frees_least_recently_used_chunks_and_unseals(tmp_path):
+    step = 1000
+    cache = BlobCache(tmp_path / "c", sync_interval=0.01, cap=12 * step)
+    try:
+        blob = cache.open_partial(DIGEST, SIZE, CHUNKS)
+        for i in range(10):
+            await blob.put_chunk(i, piece(i))
+        await blob.seal()
+        assert cache.is_sealed(DIGEST, SIZE)
+        cache.budget.touch(DIGEST, [0, 1])  # read lately: evicted last
+        other = os.urandom(5 * step)
+        ob = cache.open_partial(d(other), len(other), chunks_of(other))
+        for i in range(5):
+            await ob.put_chunk(i, other[i * step:(i + 1) * step])
+        # 15 chunks into a 12-chunk cap: 3 of the sealed blob went, not the touched ones
+        assert not cache.is_sealed(DIGEST, SIZE)  # back to in progress: blobs/ holds wholes
+        assert not cache.store.blob_path(DIGEST).exists()
+        assert blob.readable[0] and blob.readable[1]
+        assert blob.readable.count(False) == 3
+        assert cache.budget.used <= 12 * step
+        for i, here in enumerate(blob.readable):
+            if here:
+                assert await blob.read(CHUNKS[i].start, CHUNKS[i].length) == piece(i)
+    finally:
+        cache.close()
