@@ -257,6 +257,14 @@ class BlobCache:
             del self._open[blob.digest]
             self._retired.append(blob)
 
+    async def commit_pending(self) -> None:
+        """Record every chunk written but not yet recorded (a clean shutdown loses nothing)."""
+        for blob in self.open_blobs():
+            for i, (readable, present) in enumerate(zip(blob.readable, blob.present)):
+                if readable and not present:
+                    await blob.commit_chunk(i)
+        self.budget.flush()
+
     def open_blobs(self) -> list[PartialBlob]:
         return [b for b in self._open.values() if not b.sealed]
 

@@ -228,6 +228,8 @@ async def serve_mount(opts: MountOptions, ready) -> None:
                 async with trio.open_nursery() as nursery:
                     await _serve(opts, cache, client, nursery, ready, state)
     finally:
+        if "close" in state:
+            state["close"]()
         if state["mounted"]:
             pyfuse3.close(unmount=True)
             log.info("unmounted %s", opts.mountpoint)
@@ -277,9 +279,11 @@ async def _serve(opts, cache, client, nursery, ready, state) -> None:
     ready(None)
     try:
         await pyfuse3.main()
+        with trio.move_on_after(10, shield=True):
+            await cache.commit_pending()
     finally:
         nursery.cancel_scope.cancel()
-        materializer.close()
+        state["close"] = materializer.close  # once the nursery's threads are done
 
 
 def run_foreground(opts: MountOptions) -> int:

@@ -155,6 +155,10 @@ async def test_cap_far_below_the_model_streams_through(live_registry, tmp_path):
         assert await trio.to_thread.run_sync(read_start) == source.read_bytes()[:1 << 20]
         assert reg.faults.ranges(d).count(first) == 2
 
+        # after the daemon is gone every written chunk is recorded (or was never counted)
+        await trio.to_thread.run_sync(lambda: subprocess.run(
+            MODELFS + ["unmount", str(m.path)], check=True, capture_output=True))
+        await trio.to_thread.run_sync(m.wait_gone)
         status = await trio.to_thread.run_sync(lambda: subprocess.run(
             MODELFS + ["status", "--cache", str(cache), "--json"], capture_output=True,
             text=True, check=True))
