@@ -141,3 +141,14 @@ async def test_pull_killed_halfway_resumes_missing_chunks_only(live_registry, tm
     second_run = reg.faults.ranges(d)[len(first_run):]
     assert sorted(second_run) == sorted(missing)  # each missing chunk once, nothing present
     assert sha256_file(cache / "blobs" / ("sha256-" + d[7:])) == d
+
+
+def test_pull_refuses_a_model_larger_than_the_cap(served):
+    cache = served["tmp"] / "capped"
+    r = modelfs("pull", "tiny:q8", "--registry", served["url"], "--cache", cache,
+                "--cache-max", "1M")
+    assert r.returncode == 1 and "more than the cache cap" in r.stderr
+    assert not list((cache / "blobs").iterdir())
+    r = modelfs("pull", "tiny:q8", "--registry", served["url"], "--cache", cache,
+                "--cache-max", "64M", "--chunk-size", "128K")
+    assert r.returncode == 0, r.stderr
