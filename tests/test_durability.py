@@ -288,3 +288,41 @@ def _model_digest(server) -> str:
     manifest = server.models / "manifests" / "registry.ollama.ai" / "library" / "m" / "1"
     doc = json.loads(manifest.read_bytes())
     return next(l["digest"] for l in doc["layers"] if l["mediaType"].endswith("model"))
+
+
+def test_min_free_keeps_the_filesystem_free(tmp_path):
+    """--min-free on a 32 MiB filesystem: reading a 40 MiB model leaves at least that free."""
+    source, server, m = _serve_and_mount(tmp_path, 40 << 20, "--prefetch", "sequential",
+                                         "--min-free", "12M", "--max-inflight", "4M",
+                                         chunk="1M")
+    small = tmp_path / "small"
+    small.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(small)],
+                       capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    lowest = []
+    stop = threading.Event()
+
+    def sampler():
+        while not stop.is_set():
+            st = os.statvfs(small)
+            lowest.append(st.f_bavail * st.f_frsize)
+            time.sleep(0.01)
+
+    try:
+        m.cache = small / "cache"
+        m.start()
+        thread = threading.Thread(target=sampler)
+        thread.start()
+        try:
+            assert sha256_file(m.path / "m:1" / "model.gguf") == sha256_file(source)
+        finally:
+            stop.set()
+            thread.join()
+        # 12 MiB kept free, give or take the chunks in flight (4 MiB) and the index's pages
+        assert min(lowest) >= (12 << 20) - 5 * (1 << 20), min(lowest) / 2**20
+    finally:
+        m.cleanup()
+        subprocess.run(["umount", "-l", str(small)], capture_output=True)
+        server.stop()
