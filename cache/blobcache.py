@@ -27,7 +27,7 @@ import trio
 
 from .budget import DiskBudget
 from .buffers import punch_hole
-from .chunks import Chunk, check_coverage
+from .chunks import DEFAULT_CHUNK_SIZE, Chunk, check_coverage, fixed_chunks
 from .digests import parse_digest
 from .errors import ModelfsError
 from .index import ChunkIndex
@@ -111,7 +111,10 @@ class BlobCache:
 
     def close(self) -> None:
         if getattr(self, "budget", None) is not None:
-            self.budget.flush()
+            try:
+                self.budget.flush()
+            except Exception as exc:  # recency is a hint; the lock must still be released
+                log.warning("could not save chunk recency: %s", exc)
         for blob in [*self._open.values(), *self._retired]:
             blob.close()
         self._open.clear()
@@ -156,7 +159,13 @@ class BlobCache:
             path.unlink(missing_ok=True)
             return False
         self.index.record_sealed(digest, size, mtime_ns, ino)
-        self.budget.used += size
+        if self.index.load(digest) is None:
+            # Rows, so the budget counts it and can evict it chunk by chunk. They carry no
+            # digests: once it loses a chunk it is fetched again under the registry's list.
+            chunks = fixed_chunks(size, DEFAULT_CHUNK_SIZE)
+            self.index.replace(digest, size, chunks)
+            self.index.mark_present(digest, list(range(len(chunks))))
+            self.budget.used += size
         return True
 
     def open_partial(self, digest: str, size: int, chunks: list[Chunk]) -> PartialBlob:
@@ -239,6 +248,11 @@ class BlobCache:
         size, chunks, present = stored
         if sealed is None:
             return self.open_stored(digest, size)
+        if not self.is_sealed(digest, size):  # gone or changed behind our back
+            log.warning("blobs/%s is not the blob that was sealed; forgetting it", digest[7:19])
+            self.index.forget(digest)
+            self.index.forget_sealed(digest)
+            return None
         path = self.partial_dir / partial_name(digest)
         blob = PartialBlob(digest=digest, size=size, chunks=chunks, present=present, path=path,
                            final_path=self.store.blob_path(digest), index=self.index,

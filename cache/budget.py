@@ -44,8 +44,7 @@ class DiskBudget:
         self._lock = trio.Lock()
         self._warned = False
         self.on_unseal: list[Callable[[str], None]] = []
-        if cap is not None:
-            cache.index.set_meta("cache_max", str(cap))
+        cache.index.set_meta("cache_max", str(cap) if cap is not None else "")
         # Eviction writes to the index before it punches (a crash must never leave a chunk
         # recorded over a hole), and on a full disk that write itself fails. A small file of
         # allocated blocks, given back when the disk fills, leaves room for it.
@@ -77,8 +76,13 @@ class DiskBudget:
             self._cache.index.touch([(t, d, i) for (d, i), t in self._touched.items()])
             self._touched.clear()
 
-    def resync(self) -> None:
-        """Recount `used` from the index and the chunks written but not yet recorded."""
+    async def resync(self) -> None:
+        """Recount `used` from the index and the chunks written but not yet recorded (under
+        the lock: not while an eviction round is half counted)."""
+        async with self._lock:
+            self._resync()
+
+    def _resync(self) -> None:
         pending = sum(c.length for blob in self._cache.open_blobs()
                       for c, readable, present in zip(blob.chunks, blob.readable, blob.present)
                       if readable and not present)

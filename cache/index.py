@@ -141,9 +141,15 @@ class ChunkIndex:
             self._db.execute("DELETE FROM sealed WHERE digest=?", (digest,))
 
     def mark_absent(self, digest: str, indexes: list[int]) -> None:
-        with self._transaction():
-            self._db.executemany("UPDATE chunks SET present=0 WHERE digest=? AND idx=?",
-                                 [(digest, i) for i in indexes])
+        """Durably (this commit is synced): the caller punches the chunks' holes next, and a
+        power loss must never leave a chunk recorded over a hole."""
+        self._db.execute("PRAGMA synchronous=FULL")
+        try:
+            with self._transaction():
+                self._db.executemany("UPDATE chunks SET present=0 WHERE digest=? AND idx=?",
+                                     [(digest, i) for i in indexes])
+        finally:
+            self._db.execute("PRAGMA synchronous=NORMAL")
 
     def touch(self, items: list[tuple[float, str, int]]) -> None:
         """Record reads: (time, digest, chunk index) each."""

@@ -120,7 +120,9 @@ class PartialBlob:
         self._limiter = limiter
         self._durable = durable
         self._reserve = reserve  # async (bytes) -> None: make room under the cache's cap
-        self._fd = os.open(final_path if sealed else path, os.O_RDWR | os.O_CREAT, 0o644)
+        # a sealed blob must exist (never create an empty one in blobs/)
+        self._fd = os.open(final_path, os.O_RDWR) if sealed else \
+            os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         if os.fstat(self._fd).st_size != size:
             os.ftruncate(self._fd, size)
         self._sync = GroupSync(self._fd, limiter, sync_interval)
@@ -163,21 +165,37 @@ class PartialBlob:
                 f"chunk {i} of {self.digest[:19]}: got {len(data)} bytes, expected {chunk.length}")
         if self.readable[i]:
             return False
-        actual, checked = None, False
+        actual, fed = None, False
         if i == self._hashed_upto and not self._seal_lock.locked():
             async with self._seal_lock:
                 if i == self._hashed_upto:
                     actual = await trio.to_thread.run_sync(
                         _verify_and_feed, data, chunk.digest, self._hasher, limiter=self._limiter)
-                    checked = True
-                    if actual == chunk.digest:
+                    fed = actual == chunk.digest
+                    if fed:
                         self._hashed_upto = i + 1
-        if not checked and chunk.digest is not None:
+        elif chunk.digest is not None:
             actual = await trio.to_thread.run_sync(_sha256, data, limiter=self._limiter)
         if actual != chunk.digest:
             raise ChunkDigestMismatch(
                 f"chunk {i} ({chunk.start}-{chunk.end - 1}) of {self.digest[:19]}...: "
                 f"sha256 {actual[7:19]}... does not match its digest {chunk.digest[7:19]}...")
+        try:
+            await self._write(i, chunk, data)
+        except BaseException:
+            if fed:
+                self._restart_sealer()  # it took in bytes that never reached the disk
+            raise
+        self.readable[i] = True
+        self._generation[i] = self._sync.wrote()
+        if i > self._hashed_upto and self._early_bytes + len(data) <= EARLY_LIMIT:
+            # a little ahead of the sealer (concurrent fetches finish out of order): keep the
+            # bytes for it rather than read them back from disk a moment later
+            self._early[i] = data
+            self._early_bytes += len(data)
+        return True
+
+    async def _write(self, i: int, chunk: Chunk, data) -> None:
         if self._reserve is not None:
             await self._reserve(chunk.length)
         async with self._write_lock:  # one writer per file: concurrent pwrites only contend
@@ -197,22 +215,23 @@ class PartialBlob:
                                                   chunk.length, limiter=self._limiter)
                     raise CacheFull(f"no room on disk for chunk {i} of {self.digest[:19]} "
                                     f"({again.strerror})") from again
-        self.readable[i] = True
-        self._generation[i] = self._sync.wrote()
-        if i > self._hashed_upto and self._early_bytes + len(data) <= EARLY_LIMIT:
-            # a little ahead of the sealer (concurrent fetches finish out of order): keep the
-            # bytes for it rather than read them back from disk a moment later
-            self._early[i] = data
-            self._early_bytes += len(data)
-        return True
+
+    def _restart_sealer(self) -> None:
+        """Forget the whole-blob hash so far: it is built again from offset 0 (read back)."""
+        self._hasher, self._hashed_upto = hashlib.sha256(), 0
+        self._early.clear()
+        self._early_bytes = 0
 
     async def commit_chunk(self, i: int) -> None:
         """Make chunk `i` durable (an fdatasync shared with the chunks around it) and record it
         in the index (invariant 2: recorded only once durable)."""
         if self.present[i]:
             return
-        if self._durable:
-            await self._sync.wait_durable(self._generation[i])
+        while self._durable:
+            generation = self._generation[i]
+            await self._sync.wait_durable(generation)
+            if self._generation[i] == generation:
+                break  # (else it was evicted and written again meanwhile: wait for that write)
         if not self.readable[i]:
             return  # evicted while it waited to be durable: nothing to record
         self.present[i] = True
@@ -227,16 +246,20 @@ class PartialBlob:
         """Hash the readable chunks that follow the sealer's position, reading them back."""
         async with self._seal_lock:
             n = len(self.chunks)
+            hasher = self._hasher
             while self._hashed_upto < n and self.readable[self._hashed_upto]:
-                chunk = self.chunks[self._hashed_upto]
-                buf = self._early.pop(self._hashed_upto, None)
+                j = self._hashed_upto
+                chunk = self.chunks[j]
+                buf = self._early.pop(j, None)
                 if buf is not None:
                     self._early_bytes -= len(buf)
                 else:
                     buf = await trio.to_thread.run_sync(
                         _pread_exact, self._fd, chunk.length, chunk.start, limiter=self._limiter)
-                await trio.to_thread.run_sync(feed, self._hasher, buf, limiter=self._limiter)
-                self._hashed_upto += 1
+                await trio.to_thread.run_sync(feed, hasher, buf, limiter=self._limiter)
+                if self._hasher is not hasher:
+                    return  # restarted meanwhile (a failed write): what we hashed is void
+                self._hashed_upto = j + 1
 
     async def read(self, offset: int, size: int) -> bytes:
         """Bytes [offset, offset+size) from the file. The caller has made sure every chunk
@@ -308,12 +331,12 @@ class PartialBlob:
             self.present = [False] * len(self.chunks)
             self.readable = [False] * len(self.chunks)
             self._index.mark_absent(self.digest, list(range(len(self.chunks))))
-            self.path.touch()
+            os.close(self._fd)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.ftruncate(self._fd, self.size)
         self._index.forget_sealed(self.digest)
         self.sealed = False
-        self._hasher, self._hashed_upto = hashlib.sha256(), 0  # will be re-read when complete
-        self._early.clear()
-        self._early_bytes = 0
+        self._restart_sealer()  # read again when it is complete again
 
     async def evict_chunk(self, i: int) -> int:
         """Give chunk `i`'s disk space back (punch a hole); it is fetched again when needed.
@@ -327,7 +350,10 @@ class PartialBlob:
             return 0
         self.readable[i] = self.present[i] = False
         self._early_bytes -= len(self._early.pop(i, b""))
-        self._index.mark_absent(self.digest, [i])
+        if chunk.digest is None and i < self._hashed_upto:
+            # its next bytes will not be checked on their own: the seal must hash them
+            self._restart_sealer()
+        self._index.mark_absent(self.digest, [i])  # durable before the hole (index.py)
         await trio.to_thread.run_sync(punch_hole, self._fd, chunk.start, chunk.length,
                                       limiter=self._limiter)
         return chunk.length

@@ -28,6 +28,7 @@ Concurrency contract (trio thread only; file I/O goes through the cache's thread
 
 from __future__ import annotations
 
+import bisect
 import collections
 import dataclasses
 import logging
@@ -84,6 +85,7 @@ class _BlobState:
     open_handles: int = 0
     background: bool = False
     completed: trio.Event = dataclasses.field(default_factory=trio.Event)  # all committed
+    sealed_starts: list[int] | None = None
 
 
 class MemoryCache:
@@ -208,18 +210,17 @@ class Materializer:
                 state.background = True
                 for i in blob.missing():
                     self._want(state, blob, i, BACKGROUND)
-            for i in chunks:
-                await self._wait_chunk(state, i)
-            if state.partial is not blob:
-                continue  # replaced by a new chunk list meanwhile
-            self._budget.pin(blob.digest, chunks)  # not evicted while we read them
+            # pinned before waiting: a chunk that arrives is not evicted before it is read
+            self._budget.pin(blob.digest, chunks)
             try:
-                if all(blob.readable[i] for i in chunks):
+                for i in chunks:
+                    await self._wait_chunk(state, i)
+                if state.partial is blob and all(blob.readable[i] for i in chunks):
                     self._budget.touch(blob.digest, chunks)
                     return await self._read_chunks(blob, chunks, offset, size)
             finally:
                 self._budget.unpin(blob.digest, chunks)
-            # a chunk was evicted between its arrival and our pin: go round again
+            # replaced by a new chunk list meanwhile: go round again
 
     async def _read_chunks(self, blob: PartialBlob, chunks: range, offset: int,
                            size: int) -> bytes:
@@ -258,11 +259,22 @@ class Materializer:
                 return None
             data = await trio.to_thread.run_sync(_pread_exact, state.sealed_fd, size, offset,
                                                  limiter=self._cache.limiter)
-            if state.partial is not None:
-                self._budget.touch(digest, state.partial.chunk_range(offset, size))
+            self._budget.touch(digest, self._sealed_chunks(state, offset, size))
             return data
         finally:
             self._budget.unpin(digest)
+
+    def _sealed_chunks(self, state: _BlobState, offset: int, size: int) -> range:
+        """Chunk indexes under a read of a sealed blob (for recency), from the index once."""
+        if state.sealed_starts is None:
+            stored = self._cache.index.load(state.layer.digest)
+            state.sealed_starts = [c.start for c in stored[1]] if stored else []
+        starts = state.sealed_starts
+        if not starts:
+            return range(0)
+        first = bisect.bisect_right(starts, offset) - 1
+        last = bisect.bisect_right(starts, offset + size - 1) - 1
+        return range(max(first, 0), last + 1)
 
     def _unsealed(self, digest: str) -> None:
         """The cache moved a sealed blob back to in-progress to evict from it (never while we

@@ -65,14 +65,16 @@ async def pull(name: ModelName, client: RegistryClient, cache: BlobCache, *,
         on_start(result.total_bytes)
 
     partials: list[tuple[PartialBlob, ChunkPlan]] = []
+    pinned: list[str] = []
     try:
         for layer in layers:
+            cache.budget.pin(layer.digest)  # no layer of ours is evicted to make room
+            pinned.append(layer.digest)
             if await cache.adopt_sealed(layer.digest, layer.size):
                 result.cached_bytes += layer.size
                 continue
             plan = await client.chunk_plan(name, layer, chunk_size)
             blob = cache.open_partial(layer.digest, layer.size, plan.chunks)
-            cache.budget.pin(blob.digest)  # our own chunks are not evicted to make room
             result.cached_bytes += blob.cached_bytes()
             result.unverified_layers += not plan.chunk_digests
             partials.append((blob, plan))
@@ -85,9 +87,15 @@ async def pull(name: ModelName, client: RegistryClient, cache: BlobCache, *,
             await _fetch_all(jobs, client, concurrency, progress, result)
         for blob, _ in partials:
             await blob.seal()
+        missing = [layer.digest for layer in layers if not cache.is_sealed(layer.digest,
+                                                                           layer.size)]
+        if missing:
+            raise CacheFull(f"blob {missing[0]} is not complete in the cache; not writing the "
+                            f"manifest")
     finally:
+        for digest in pinned:
+            cache.budget.unpin(digest)
         for blob, _ in partials:
-            cache.budget.unpin(blob.digest)
             cache.release(blob)
     # last, atomically, and off the loop (it fsyncs)
     await trio.to_thread.run_sync(cache.store.write_manifest, name.store_parts, manifest.raw)

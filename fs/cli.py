@@ -287,9 +287,10 @@ def cmd_evict(args) -> int:
         chosen = [m for m in models if m.parts == name.store_parts]
         if not chosen:
             raise UsageError(f"{args.name} is not in the cache {args.cache}")
+    keep = {b.digest for m in models if m not in chosen for b in m.blobs}  # shared blobs
     cache = BlobCache(args.cache)  # refused (CacheBusy) while a mount or a pull uses it
     try:
-        freed = evict_blobs(cache, sorted({b.digest for m in chosen for b in m.blobs}))
+        freed = evict_blobs(cache, sorted({b.digest for m in chosen for b in m.blobs} - keep))
         for m in chosen:
             cache.store.manifest_path(m.parts).unlink(missing_ok=True)  # no longer complete
     finally:

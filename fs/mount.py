@@ -196,7 +196,7 @@ async def _flush_recency(cache: BlobCache) -> None:
         await trio.sleep(5)
         try:
             cache.budget.flush()
-            cache.budget.resync()
+            await cache.budget.resync()
         except Exception as exc:  # a full disk or a busy index must not end the mount
             log.warning("updating the cache index failed: %s", exc)
 
@@ -280,7 +280,10 @@ async def _serve(opts, cache, client, nursery, ready, state) -> None:
     try:
         await pyfuse3.main()
         with trio.move_on_after(10, shield=True):
-            await cache.commit_pending()
+            try:
+                await cache.commit_pending()
+            except Exception as exc:  # e.g. a full disk: those chunks are fetched again
+                log.warning("recording the last chunks at unmount failed: %s", exc)
     finally:
         nursery.cancel_scope.cancel()
         state["close"] = materializer.close  # once the nursery's threads are done

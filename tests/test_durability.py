@@ -166,7 +166,7 @@ async def test_cap_far_below_the_model_streams_through(live_registry, tmp_path):
         assert report["cap"] == cap
         blob = next(b for mdl in report["models"] for b in mdl["blobs"] if b["digest"] == d)
         assert blob["cached"] <= cap + inflight
-        assert abs(blob["cached"] - blob["allocated"]) < 4096
+        assert abs(blob["cached"] - blob["allocated"]) < 2 * 4096  # (partial end blocks)
     finally:
         await trio.to_thread.run_sync(m.cleanup)
 
