@@ -301,6 +301,19 @@ def cmd_evict(args) -> int:
 
 # -- main -----------------------------------------------------------------------------------
 
+def _cache_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache", type=pathlib.Path, default=default_cache_dir(),
+                   help="cache directory (default $MODELFS_CACHE or ~/.cache/modelfs)")
+
+
+def _budget_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-max", type=size_arg, default=None, metavar="SIZE",
+                   help="keep the cache's disk use under SIZE, evicting least recently used "
+                   "chunks (e.g. 20G)")
+    p.add_argument("--min-free", type=size_arg, default=None, metavar="SIZE",
+                   help="keep at least SIZE free on the cache's filesystem, evicting sooner")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="modelfs", description="Mount models from an Ollama-compatible registry as lazily "
@@ -346,18 +359,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=8, help="chunks in flight (default 8)")
     p.add_argument("--chunk-size", type=size_arg, default=DEFAULT_CHUNK_SIZE, metavar="SIZE",
                    help="range size when the registry has no chunk list (default 8M)")
-    p.add_argument("--cache-max", type=size_arg, default=None, metavar="SIZE",
-                   help="keep the cache's disk use under SIZE, evicting least recently used "
-                   "chunks (e.g. 20G)")
-    p.add_argument("--min-free", type=size_arg, default=None, metavar="SIZE",
-                   help="keep at least SIZE free on the cache's filesystem, evicting sooner")
+    _budget_args(p)
     p.set_defaults(func=cmd_pull)
 
     p = sub.add_parser("mount", help="mount the registry's models as lazily fetched files")
     p.add_argument("mountpoint", type=pathlib.Path)
     p.add_argument("--registry", default=os.environ.get("MODELFS_REGISTRY"), help=registry_help)
-    p.add_argument("--cache", type=pathlib.Path, default=default_cache_dir(),
-                   help="cache directory (default $MODELFS_CACHE or ~/.cache/modelfs)")
+    _cache_arg(p)
     p.add_argument("--model", action="append", default=[], metavar="NAME",
                    help="resolve this model at mount time and list it (repeatable)")
     p.add_argument("--foreground", "-f", action="store_true",
@@ -379,24 +387,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "large sequential reads and mmap arrive as 1 MiB requests")
     p.add_argument("--allow-other", action="store_true",
                    help="let other users read the mount (e.g. an ollama service user)")
-    p.add_argument("--cache-max", type=size_arg, default=None, metavar="SIZE",
-                   help="keep the cache's disk use under SIZE, evicting least recently used "
-                   "chunks (e.g. 20G)")
-    p.add_argument("--min-free", type=size_arg, default=None, metavar="SIZE",
-                   help="keep at least SIZE free on the cache's filesystem, evicting sooner")
+    _budget_args(p)
     p.set_defaults(func=cmd_mount)
 
     p = sub.add_parser("status", help="what the cache holds, model by model")
-    p.add_argument("--cache", type=pathlib.Path, default=default_cache_dir(),
-                   help="cache directory (default $MODELFS_CACHE or ~/.cache/modelfs)")
+    _cache_arg(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("evict", help="drop a model's cached data (refused while mounted)")
     p.add_argument("name", nargs="?", help="model name")
     p.add_argument("--all", action="store_true", help="drop everything")
-    p.add_argument("--cache", type=pathlib.Path, default=default_cache_dir(),
-                   help="cache directory (default $MODELFS_CACHE or ~/.cache/modelfs)")
+    _cache_arg(p)
     p.add_argument("--registry", default=os.environ.get("MODELFS_REGISTRY"), help=registry_help)
     p.set_defaults(func=cmd_evict)
 

@@ -21,7 +21,7 @@ from modelfs.fetcher.export import ExportError, ExportIncomplete, export_tree
 
 from .conftest import sha256_file
 from .gguf_factory import make_gguf_of_size
-from .mounting import MODELFS, Mount, free_port, fuse_available
+from .mounting import MODELFS, Mount, free_port, fuse_available, stop_process
 
 MiB = 1 << 20
 CHUNK = MiB
@@ -339,13 +339,7 @@ class Nginx:
         raise AssertionError("nginx did not start listening")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
     def requests(self) -> list[dict]:
         log = self.work / "access.log"
