@@ -54,7 +54,8 @@ def _find_wheel() -> pathlib.Path | None:
         path = pathlib.Path(named)
         return path if path.is_file() else None
     # `shared/` sits beside the checkout; a clone elsewhere (CI) looks up its parents too.
-    for base in (REPO, *REPO.parents):
+    # (and /work/shared: where this workplace keeps it when a clone lives elsewhere, e.g. CI)
+    for base in (REPO, *REPO.parents, pathlib.Path("/work")):
         wheels = sorted((base / "shared" / "wheels").glob("llama_cpp_python-*.whl"))
         if wheels:
             return wheels[-1]
