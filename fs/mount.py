@@ -80,7 +80,11 @@ def is_stale(path: os.PathLike | str) -> bool:
     try:
         os.statvfs(path)
     except OSError as exc:
-        return exc.errno == errno.ENOTCONN
+        # ENOTCONN once the daemon is gone; ECONNABORTED for a request caught by the abort;
+        # any other failure of a FUSE mount's statfs means it is broken just the same
+        if exc.errno in (errno.ENOTCONN, errno.ECONNABORTED):
+            return True
+        return (mount_type(path) or "").startswith("fuse")
     return False
 
 
