@@ -5,8 +5,8 @@
 <cache>/manifests/<host>/<ns>/<model>/<tag>
 <cache>/partial/sha256-<hex>.partial  sparse files of blobs in progress (outside blobs/, so
                                       Ollama's prune and readers never see them)
-<cache>/index.sqlite                  the chunk index of the partial blobs, and which files in
-                                      blobs/ were checked against their digest
+<cache>/index.sqlite                  chunk lists and presence of every blob (sealed ones too),
+                                      and which files in blobs/ were checked against their digest
 <cache>/lock                          held (flock) by the one process using this cache
 ```
 
@@ -65,6 +65,10 @@ def _lock(root: pathlib.Path) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+def _unlink_missing_ok(path: pathlib.Path) -> None:
+    path.unlink(missing_ok=True)
 
 
 def _hash_file(path: pathlib.Path) -> tuple[str, int, int]:
@@ -136,8 +140,8 @@ class BlobCache:
     async def adopt_sealed(self, digest: str, size: int) -> bool:
         """Trust a file in `blobs/` we did not seal only after hashing it (in a thread, once
         however many readers ask). A file that does not match its name is removed, loudly.
-        True if the blob is sealed. (An adopted blob has no chunk list, so it is not evicted
-        chunk by chunk; `modelfs evict` drops it.)"""
+        True if the blob is sealed. (An adopted blob has no chunk digests: when the budget
+        needs its room it is dropped whole, never left with holes it could not verify.)"""
         if self.is_sealed(digest, size):
             return True
         if not self.store.has_blob(digest, size):
@@ -160,8 +164,9 @@ class BlobCache:
             return False
         self.index.record_sealed(digest, size, mtime_ns, ino)
         if self.index.load(digest) is None:
-            # Rows, so the budget counts it and can evict it chunk by chunk. They carry no
-            # digests: once it loses a chunk it is fetched again under the registry's list.
+            # Rows, so the budget counts it and can choose it. They carry no digests, so
+            # eviction drops it whole (budget.py) and it is fetched again under the
+            # registry's chunk list.
             chunks = fixed_chunks(size, DEFAULT_CHUNK_SIZE)
             self.index.replace(digest, size, chunks)
             self.index.mark_present(digest, list(range(len(chunks))))
@@ -239,7 +244,7 @@ class BlobCache:
         if blob is not None:
             if blob.sealed:
                 blob.unseal()
-                self.budget.unsealed(digest)
+                self.budget.unsealed(digest, blob)
             return blob
         stored = self.index.load(digest)
         sealed = self.index.sealed_as(digest)
@@ -261,8 +266,21 @@ class BlobCache:
                            sync_interval=self.sync_interval)
         blob.unseal()
         self._open[digest] = blob
-        self.budget.unsealed(digest)
+        self.budget.unsealed(digest, blob)
         return blob
+
+    async def drop_whole(self, blob: PartialBlob) -> int:
+        """Remove a blob entirely (file and rows); returns the bytes it held."""
+        held = blob.cached_bytes()
+        self.index.forget(blob.digest)
+        self.index.forget_sealed(blob.digest)
+        self.drop(blob)
+        blob.present = [False] * len(blob.chunks)
+        blob.readable = [False] * len(blob.chunks)
+        self.budget.unsealed(blob.digest, None)
+        for path in (blob.path, blob.final_path):
+            await trio.to_thread.run_sync(_unlink_missing_ok, path, limiter=self.limiter)
+        return held
 
     def drop(self, blob: PartialBlob) -> None:
         """Forget an open blob that was discarded (its fd is closed with the cache: a read in

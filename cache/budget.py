@@ -43,7 +43,7 @@ class DiskBudget:
         self._touched: dict[tuple[str, int], float] = {}
         self._lock = trio.Lock()
         self._warned = False
-        self.on_unseal: list[Callable[[str], None]] = []
+        self.on_unseal: list[Callable] = []  # (digest, PartialBlob | None) -> None
         cache.index.set_meta("cache_max", str(cap) if cap is not None else "")
         # Eviction writes to the index before it punches (a crash must never leave a chunk
         # recorded over a hole), and on a full disk that write itself fails. A small file of
@@ -88,9 +88,10 @@ class DiskBudget:
                       if readable and not present)
         self.used = self._cache.index.usage() + pending
 
-    def unsealed(self, digest: str) -> None:
+    def unsealed(self, digest: str, blob) -> None:
+        """Tell readers that `digest` is in progress again (`blob`), or gone (None)."""
         for callback in self.on_unseal:
-            callback(digest)
+            callback(digest, blob)
 
     # -- room ---------------------------------------------------------------------------------
 
@@ -153,7 +154,12 @@ class DiskBudget:
                 blob = self._cache.unseal_for_eviction(digest)
                 if blob is None:
                     continue
-                got = await blob.evict_chunk(index)
+                if not blob.has_chunk_digests and blob.complete:
+                    # adopted whole, without the registry's chunk list: a hole would leave
+                    # it unverifiable, so it goes whole (it is fetched again under the list)
+                    got = await self._cache.drop_whole(blob)
+                else:
+                    got = await blob.evict_chunk(index)
                 freed += got
                 self.used -= got
                 self.evicted_bytes += got
@@ -164,7 +170,7 @@ class DiskBudget:
                 break
         if freed < want:
             # Chunks written but not yet recorded (their fdatasync is batched) are on disk too
-            # and not in the index's list: the oldest of them go next.
+            # and not in the index's list: they go next, in file order.
             for blob in list(self._cache.open_blobs()):
                 for index in range(len(blob.chunks)):
                     if freed >= want:

@@ -1,9 +1,12 @@
-"""The chunk index: which chunks of which in-progress blob are present, in SQLite (WAL).
+"""The chunk index, in SQLite (WAL): the chunk list of every blob the cache holds or is
+filling (kept after sealing: eviction works chunk by chunk), which chunks are present, when
+each was last read, and which files in `blobs/` were sealed (or adopted) as they are.
 
 Concurrency contract: one ChunkIndex per process, used only from the trio thread. Each call is
 a short synchronous transaction (well under a millisecond for these row counts). With WAL and
 synchronous=NORMAL a commit does not fsync; SQLite's automatic checkpoint (every ~1000 pages
-of WAL) does, on the loop: a known, rare pause of one small fsync, accepted for now.
+of WAL) does, on the loop: a known, rare pause of one small fsync, accepted for now. So does
+`mark_absent`, on purpose (synchronous=FULL): an eviction is durable before its hole is punched.
 Durability order is the caller's job: a chunk is marked present only after its bytes were
 fdatasync'ed, so a lost commit only means a chunk is fetched again, never a wrong byte.
 

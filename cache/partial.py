@@ -1,5 +1,9 @@
 """A blob being materialized: a sparse file outside `blobs/`, filled chunk by chunk.
 
+Life cycle: in progress (file in `partial/`), sealed (the same file renamed into `blobs/`, the
+object kept with its fd), and back to in progress when the disk budget evicts one of its chunks
+(`unseal`, then `evict_chunk` punches a hole).
+
 `PartialBlob.write_chunk` is the only door into the cache for blob bytes: it hashes the chunk
 and compares it with the chunk digest, and only then writes it at its final offset, where it
 becomes `readable`. `commit_chunk` makes it durable and records it in the index (`present`);
@@ -165,16 +169,17 @@ class PartialBlob:
                 f"chunk {i} of {self.digest[:19]}: got {len(data)} bytes, expected {chunk.length}")
         if self.readable[i]:
             return False
-        actual, fed = None, False
+        actual, checked, fed = None, False, False
         if i == self._hashed_upto and not self._seal_lock.locked():
             async with self._seal_lock:
                 if i == self._hashed_upto:
                     actual = await trio.to_thread.run_sync(
                         _verify_and_feed, data, chunk.digest, self._hasher, limiter=self._limiter)
+                    checked = True
                     fed = actual == chunk.digest
                     if fed:
                         self._hashed_upto = i + 1
-        elif chunk.digest is not None:
+        if not checked and chunk.digest is not None:
             actual = await trio.to_thread.run_sync(_sha256, data, limiter=self._limiter)
         if actual != chunk.digest:
             raise ChunkDigestMismatch(
@@ -263,7 +268,7 @@ class PartialBlob:
 
     async def read(self, offset: int, size: int) -> bytes:
         """Bytes [offset, offset+size) from the file. The caller has made sure every chunk
-        they touch is present (or the blob is sealed)."""
+        they touch is readable (verified and written, maybe not durable yet) and pinned."""
         return await trio.to_thread.run_sync(_pread_exact, self._fd, size, offset,
                                              limiter=self._limiter)
 

@@ -1,5 +1,6 @@
 """The registry wire protocol, both ends: model names, manifests, chunk lists, range GETs with
-retries, the pull driver, and the `modelfs serve` registry. Knows nothing of FUSE."""
+retries, the pull driver, the mount's read path (resolver, materializer, fetch scheduler,
+prefetch), and the `modelfs serve` registry and its static export. Knows nothing of FUSE."""
 
 from importlib import metadata as _metadata
 

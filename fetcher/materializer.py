@@ -64,6 +64,10 @@ class Quarantined(ModelfsError):
     """A blob whose seal failed recently; not served until it is fetched again."""
 
 
+class BlobReset(ModelfsError):
+    """A blob's cached state was reset under a read (discarded or evicted): read again."""
+
+
 @dataclasses.dataclass
 class _Flight:
     done: trio.Event = dataclasses.field(default_factory=trio.Event)
@@ -157,8 +161,8 @@ class Materializer:
         self._state(name, layer).open_handles += 1
 
     def closed(self, layer: Layer) -> None:
-        """The last handle of a blob closed: its background fetch stops (what a window or a
-        reader already asked for still completes)."""
+        """A handle of a blob closed; when it was the last, the blob's background fetch stops
+        (what a window or a reader already asked for still completes)."""
         state = self._states.get(layer.digest)
         if state is None:
             return
@@ -193,34 +197,46 @@ class Materializer:
                     return data
                 continue  # evicted from since: read it as a partial blob
             blob = await self._partial(state)
-            if not blob.has_chunk_digests:
-                await self._fetch_whole(state, blob)  # servable only once sealed
-                continue
-            chunks = blob.chunk_range(offset, size)
-            for i in chunks:
-                self._want(state, blob, i, DEMAND)
-            if ahead is not None and ahead[1] > ahead[0]:
-                end = min(ahead[1], layer.size)
-                if end > ahead[0]:
-                    for i in blob.chunk_range(ahead[0], end - ahead[0]):
-                        self._want(state, blob, i, WINDOW)
-            fits = self._budget.cap is None or layer.size <= self._budget.cap
-            if whole and self._background and fits and not state.background \
-                    and state.open_handles:
-                state.background = True
-                for i in blob.missing():
-                    self._want(state, blob, i, BACKGROUND)
-            # pinned before waiting: a chunk that arrives is not evicted before it is read
-            self._budget.pin(blob.digest, chunks)
             try:
-                for i in chunks:
-                    await self._wait_chunk(state, i)
-                if state.partial is blob and all(blob.readable[i] for i in chunks):
-                    self._budget.touch(blob.digest, chunks)
-                    return await self._read_chunks(blob, chunks, offset, size)
-            finally:
-                self._budget.unpin(blob.digest, chunks)
-            # replaced by a new chunk list meanwhile: go round again
+                data = await self._read_partial(state, blob, offset, size, ahead, whole)
+            except BlobReset:
+                await trio.sleep(0)  # its state was reset under us: start over (deadline holds)
+                continue
+            if data is not None:
+                return data
+
+    async def _read_partial(self, state: _BlobState, blob: PartialBlob, offset: int, size: int,
+                            ahead, whole) -> bytes | None:
+        """The bytes from an in-progress blob, or None to go round again."""
+        layer = state.layer
+        if not blob.has_chunk_digests:
+            await self._fetch_whole(state, blob)  # servable only once sealed
+            return None
+        chunks = blob.chunk_range(offset, size)
+        for i in chunks:
+            self._want(state, blob, i, DEMAND)
+        if ahead is not None and ahead[1] > ahead[0]:
+            end = min(ahead[1], layer.size)
+            if end > ahead[0]:
+                for i in blob.chunk_range(ahead[0], end - ahead[0]):
+                    self._want(state, blob, i, WINDOW)
+        fits = self._budget.cap is None or layer.size <= self._budget.cap
+        if whole and self._background and fits and not state.background \
+                and state.open_handles:
+            state.background = True
+            for i in blob.missing():
+                self._want(state, blob, i, BACKGROUND)
+        # pinned before waiting: a chunk that arrives is not evicted before it is read
+        self._budget.pin(blob.digest, chunks)
+        try:
+            for i in chunks:
+                await self._wait_chunk(state, i)
+            if state.partial is blob and all(blob.readable[i] for i in chunks):
+                self._budget.touch(blob.digest, chunks)
+                return await self._read_chunks(blob, chunks, offset, size)
+        finally:
+            self._budget.unpin(blob.digest, chunks)
+        return None  # replaced by a new chunk list meanwhile: go round again
 
     async def _read_chunks(self, blob: PartialBlob, chunks: range, offset: int,
                            size: int) -> bytes:
@@ -276,16 +292,18 @@ class Materializer:
         last = bisect.bisect_right(starts, offset + size - 1) - 1
         return range(max(first, 0), last + 1)
 
-    def _unsealed(self, digest: str) -> None:
+    def _unsealed(self, digest: str, blob: PartialBlob | None) -> None:
         """The cache moved a sealed blob back to in-progress to evict from it (never while we
-        read it: reads pin it). Read it as a partial blob from now on."""
+        read it: reads pin it), or dropped it (None). Read it as that partial blob now."""
         state = self._states.get(digest)
         if state is None:
             return
         if state.sealed_fd >= 0:
             os.close(state.sealed_fd)
             state.sealed_fd = -1
-        state.partial = None
+        state.partial = blob
+        if blob is None:
+            state.url = None
         state.sealing = None
         state.completed = trio.Event()
 
@@ -345,7 +363,7 @@ class Materializer:
         blob = state.partial
         try:
             if blob is None:
-                raise Quarantined(f"blob {state.layer.digest[:19]} was discarded")
+                raise BlobReset(f"blob {state.layer.digest[:19]} was reset while being read")
             length = blob.chunks[i].length
             await self.budget.acquire(length)
             try:
@@ -354,7 +372,7 @@ class Materializer:
                 data = None
                 if not blob.readable[i]:
                     self.fetches += 1
-                    data = await fetch_chunk(self._client, blob, url, i, commit=False)
+                    data = await fetch_chunk(self._client, blob, url, i)
                     if keep:
                         self._memory.put((blob.digest, i), data)
             finally:
@@ -386,7 +404,7 @@ class Materializer:
         while True:
             blob = state.partial
             if blob is None:
-                raise Quarantined(f"blob {state.layer.digest[:19]} was discarded")
+                raise BlobReset(f"blob {state.layer.digest[:19]} was reset while being read")
             if blob.readable[i]:
                 return
             flight = state.flights.get(i)
@@ -416,7 +434,7 @@ class Materializer:
         done = self._seal_soon(state, blob)
         await done.wait()
         if not blob.sealed:
-            raise state.seal_error or Quarantined(f"blob {state.layer.digest[:19]} not sealed")
+            raise state.seal_error or BlobReset(f"blob {state.layer.digest[:19]} could not be sealed")
 
     def _seal_soon(self, state: _BlobState, blob: PartialBlob) -> trio.Event:
         if state.sealing is None:

@@ -2,8 +2,9 @@
 
 Structure: one nursery per pull. A producer walks the missing chunks of every layer in file
 order and feeds a bounded channel; `concurrency` workers each fetch a chunk (retrying temporary
-failures) and hand it to the cache's single door (`PartialBlob.put_chunk`). Chunks are taken in
-file order so the sealer mostly hashes from memory. Any final error cancels the whole pull; what
+failures) and hand it to the cache's single door (`PartialBlob.write_chunk`, which verifies it);
+a separate task per chunk makes it durable and records it (`commit_chunk`, batched fsyncs).
+Chunks are taken in file order so the sealer mostly hashes from memory. Any final error cancels the whole pull; what
 was verified and recorded stays in the cache for the next run. The manifest is written last.
 """
 
@@ -114,7 +115,7 @@ async def _fetch_all(jobs: list[_Job], client: RegistryClient, concurrency: int,
     async def work(receive, nursery):
         async with receive:
             async for job in receive:
-                await fetch_chunk(client, job.blob, job.plan.url, job.index, commit=False)
+                await fetch_chunk(client, job.blob, job.plan.url, job.index)
                 # made durable in batches while this worker fetches the next chunk
                 nursery.start_soon(job.blob.commit_chunk, job.index)
                 length = job.blob.chunks[job.index].length
@@ -130,11 +131,10 @@ async def _fetch_all(jobs: list[_Job], client: RegistryClient, concurrency: int,
                     nursery.start_soon(work, receive.clone(), nursery)
 
 
-async def fetch_chunk(client: RegistryClient, blob: PartialBlob, url: str, index: int, *,
-                      commit: bool = True):
-    """Fetch chunk `index` and put it through the cache's verifying door, with retries.
-    With `commit=False` the chunk is verified and written but the caller makes it durable
-    (`blob.commit_chunk`), so readers can be answered before the fdatasync. Returns the bytes."""
+async def fetch_chunk(client: RegistryClient, blob: PartialBlob, url: str, index: int):
+    """Fetch chunk `index` and put it through the cache's verifying door, with retries. The
+    chunk is verified and written; the caller makes it durable (`blob.commit_chunk`), so
+    readers can be answered before the fdatasync. Returns the bytes."""
     chunk = blob.chunks[index]
 
     async def once():
@@ -142,8 +142,5 @@ async def fetch_chunk(client: RegistryClient, blob: PartialBlob, url: str, index
         await blob.write_chunk(index, data)
         return data
 
-    data = await retrying(once, client.config.retry,
+    return await retrying(once, client.config.retry,
                           f"chunk {index} ({chunk.start}-{chunk.end - 1}) of {blob.digest[:19]}")
-    if commit:
-        await blob.commit_chunk(index)
-    return data

@@ -16,7 +16,6 @@ Concurrency contract: trio thread only; manifests (kilobytes) are read on the lo
 from __future__ import annotations
 
 import logging
-import time
 
 import trio
 

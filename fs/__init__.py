@@ -1,2 +1,2 @@
-"""The user-facing side: the `modelfs` command line (and, later, the FUSE mount).
-Never speaks HTTP itself: it drives modelfs.fetcher and modelfs.cache."""
+"""The user-facing side: the `modelfs` command line and the FUSE mount (name tree, operations,
+lifecycle). Never speaks HTTP itself: it drives modelfs.fetcher and modelfs.cache."""

@@ -1,7 +1,8 @@
 """The `modelfs` command line.
 
 Exit codes: 0 success; 1 a modelfs error (one line on stderr, no traceback: bad names, unknown
-models, unreachable registries, verification failures); 2 bad usage; 130 interrupted.
+models, unreachable registries, verification failures); 2 bad usage (options that do not fit
+together, a missing directory); 130 interrupted.
 `MODELFS_DEBUG=1` adds tracebacks.
 """
 
@@ -23,6 +24,7 @@ from modelfs.cache.chunks import DEFAULT_CHUNK_SIZE, MAX_CHUNK_BYTES
 from modelfs.cache.errors import ModelfsError
 from modelfs.fetcher import __version__
 
+from .ops import PREFETCH_MODES
 from .sizes import format_size, size_arg
 
 log = logging.getLogger("modelfs")
@@ -171,6 +173,7 @@ class _BarProgress:
 
 def cmd_pull(args) -> int:
     from modelfs.cache.blobcache import BlobCache
+    from modelfs.cache.store import ModelsDir
     from modelfs.fetcher.client import ClientConfig, RegistryClient
     from modelfs.fetcher.names import Registry, parse_name
     from modelfs.fetcher.pull import pull
@@ -202,7 +205,7 @@ def cmd_pull(args) -> int:
     print(f"pulled {name.short(registry.host)}: {format_size(result.total_bytes)} verified and sealed "
           f"({format_size(result.fetched_bytes)} fetched in {result.fetched_chunks} chunks, "
           f"{format_size(result.cached_bytes)} already cached) in {elapsed:.1f}s")
-    print(f"manifest: {args.cache / 'manifests' / pathlib.Path(*name.store_parts)}")
+    print(f"manifest: {ModelsDir(args.cache).manifest_path(name.store_parts)}")
     return 0
 
 
@@ -238,9 +241,8 @@ def cmd_unmount(args) -> int:
 # -- status and evict ------------------------------------------------------------------------
 
 def _display(parts) -> str:
-    host, namespace, model, tag = parts
-    name = f"{model}:{tag}" if namespace == "library" else f"{namespace}/{model}:{tag}"
-    return name if host == "registry.ollama.ai" else f"{host}/{name}"
+    from modelfs.fetcher.names import ModelName
+    return ModelName(*parts).short()
 
 
 def cmd_status(args) -> int:
@@ -303,7 +305,8 @@ def cmd_evict(args) -> int:
 
 def _cache_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", type=pathlib.Path, default=default_cache_dir(),
-                   help="cache directory (default $MODELFS_CACHE or ~/.cache/modelfs)")
+                   help="cache directory (default $MODELFS_CACHE, else $XDG_CACHE_HOME/modelfs "
+                   "or ~/.cache/modelfs)")
 
 
 def _budget_args(p: argparse.ArgumentParser) -> None:
@@ -378,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-inflight", type=size_arg, default=64 << 20, metavar="SIZE",
                    help="bytes of chunk data in flight at most, all files together "
                    "(default 64M): bounds the daemon's memory")
-    p.add_argument("--prefetch", choices=("auto", "sequential", "none"), default="auto",
+    p.add_argument("--prefetch", choices=PREFETCH_MODES, default="auto",
                    help="auto: a window ahead of sequential readers, plus the rest of an open "
                    "model in the background; sequential: the window only; none: only what is "
                    "read (default auto)")
@@ -424,6 +427,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("modelfs: interrupted (verified chunks are kept in the cache)", file=sys.stderr)
         return 130
+    except UsageError as exc:
+        print(f"modelfs: error: {exc}", file=sys.stderr)
+        return 2
     except ModelfsError as exc:
         if debug:
             raise

@@ -15,7 +15,6 @@ import os
 import pathlib
 import signal
 import subprocess
-import sys
 import time
 
 import pyfuse3
@@ -132,8 +131,7 @@ async def tune_readahead(path: os.PathLike | str, size: int) -> None:
 def prepare_mountpoint(path: pathlib.Path) -> None:
     """Clear a stale mount left by a dead daemon; refuse a live one."""
     if is_stale(path):
-        log.warning("%s: stale mount of a dead daemon (Transport endpoint is not connected); "
-                    "clearing it", path)
+        log.warning("%s: stale mount of a dead daemon (its statfs fails); clearing it", path)
         fusermount_unmount(path, lazy=True)
     if mount_type(path) is not None:
         raise MountError(f"{path} is already a mount point ({mount_type(path)}); "

@@ -29,7 +29,7 @@ from modelfs.fetcher.prefetch import Cursor, PrefetchConfig
 from modelfs.fetcher.resolver import ModelResolver
 
 from .errors import fuse_errors
-from .tree import ChildModel, Node, Tree
+from .tree import Node, Tree
 
 log = logging.getLogger("modelfs.fs")
 

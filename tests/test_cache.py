@@ -218,3 +218,23 @@ async def test_eviction_frees_least_recently_used_chunks_and_unseals(tmp_path):
                 assert await blob.read(CHUNKS[i].start, CHUNKS[i].length) == piece(i)
     finally:
         cache.close()
+
+
+async def test_an_adopted_blob_is_dropped_whole_for_room(tmp_path):
+    """A blob adopted from blobs/ has no chunk digests: when its room is needed it goes whole
+    (a hole would leave bytes that nothing could verify again)."""
+    cache = BlobCache(tmp_path / "c", sync_interval=0.01, cap=SIZE + 5000)
+    try:
+        cache.store.blob_path(DIGEST).write_bytes(DATA)
+        assert await cache.adopt_sealed(DIGEST, SIZE)
+        assert cache.budget.used == SIZE
+        other = os.urandom(8000)
+        ob = cache.open_partial(d(other), len(other), chunks_of(other))
+        for i in range(8):
+            await ob.put_chunk(i, other[i * 1000:(i + 1) * 1000])
+        assert not cache.store.blob_path(DIGEST).exists()
+        assert cache.index.load(DIGEST) is None and not cache.is_sealed(DIGEST, SIZE)
+        assert not (cache.partial_dir / ("sha256-" + DIGEST[7:] + ".partial")).exists()
+        assert all(ob.readable) and cache.budget.used <= SIZE + 5000
+    finally:
+        cache.close()
