@@ -30,6 +30,3 @@ def blob_filename(digest: str) -> str:
     """The file name Ollama uses for a blob: `sha256-<hex>`."""
     return "sha256-" + digest_hex(digest)
 
-
-def digest_of_hasher(hasher) -> str:
-    return "sha256:" + hasher.hexdigest()

@@ -52,7 +52,7 @@ def _sha256(data) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def _pread_exact(fd: int, length: int, offset: int) -> bytes:
+def pread_exact(fd: int, length: int, offset: int) -> bytes:
     parts, want = [], length
     while want:
         piece = os.pread(fd, want, offset)
@@ -260,7 +260,7 @@ class PartialBlob:
                     self._early_bytes -= len(buf)
                 else:
                     buf = await trio.to_thread.run_sync(
-                        _pread_exact, self._fd, chunk.length, chunk.start, limiter=self._limiter)
+                        pread_exact, self._fd, chunk.length, chunk.start, limiter=self._limiter)
                 await trio.to_thread.run_sync(feed, hasher, buf, limiter=self._limiter)
                 if self._hasher is not hasher:
                     return  # restarted meanwhile (a failed write): what we hashed is void
@@ -269,7 +269,7 @@ class PartialBlob:
     async def read(self, offset: int, size: int) -> bytes:
         """Bytes [offset, offset+size) from the file. The caller has made sure every chunk
         they touch is readable (verified and written, maybe not durable yet) and pinned."""
-        return await trio.to_thread.run_sync(_pread_exact, self._fd, size, offset,
+        return await trio.to_thread.run_sync(pread_exact, self._fd, size, offset,
                                              limiter=self._limiter)
 
     def chunk_range(self, offset: int, size: int) -> range:

@@ -45,6 +45,15 @@ from modelfs.cache.store import atomic_write
 
 log = logging.getLogger("modelfs.chunksums")
 
+# The smallest chunk size offered (`serve --chunk-size`, `--export`): smaller ones make chunk
+# lists (kept in memory per blob) needlessly long. Tests use tiny chunks through the API.
+MIN_CHUNK_SIZE = 64 << 10
+
+
+def chunksums_text(chunks: list[Chunk]) -> bytes:
+    """The chunk list as the chunksums endpoint sends it (inclusive ends)."""
+    return "".join(f"{c.digest} {c.start}-{c.end - 1}\n" for c in chunks).encode()
+
 STATE_FORMAT = "modelfs-chunksums"
 STATE_VERSION = 1
 _PIECE = 1 << 20  # read size while hashing: memory stays bounded whatever the chunk size

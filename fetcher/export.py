@@ -50,7 +50,8 @@ from modelfs.cache.digests import parse_digest
 from modelfs.cache.errors import InvalidName, ModelfsError
 from modelfs.cache.store import ModelsDir, atomic_write, fsync_dir
 
-from .chunksum_store import BlobChanged, BlobCorrupt, ChunksumStore, default_state_dir
+from .chunksum_store import (MIN_CHUNK_SIZE, BlobChanged, BlobCorrupt, ChunksumStore,
+                             chunksums_text, default_state_dir)
 from .errors import BadManifest
 from .groups import first_error
 from .manifest import Layer, parse_manifest
@@ -58,8 +59,6 @@ from .names import DEFAULT_HOST, validate_part
 
 log = logging.getLogger("modelfs.export")
 
-# The chunk sizes `modelfs serve` accepts (its MIN_CHUNK_SIZE; clients refuse larger chunks).
-MIN_CHUNK_SIZE = 64 << 10
 _COPY_PIECE = 64 << 20  # bytes copied per thread call: bounds how long a cancel waits
 _LINK_FALLBACK_ERRNOS = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP,
                          errno.EOPNOTSUPP, errno.EACCES}
@@ -252,11 +251,6 @@ def _close_copy(src_fd: int, dst_fd: int, tmp: pathlib.Path, done: bool) -> None
     os.close(dst_fd)
     if not done:
         _unlink_quietly(tmp)
-
-
-def chunksums_text(chunks: list[Chunk]) -> bytes:
-    """The chunk list as `modelfs serve` sends it (inclusive ends)."""
-    return "".join(f"{c.digest} {c.start}-{c.end - 1}\n" for c in chunks).encode()
 
 
 # --- the export (trio side) -------------------------------------------------------------------

@@ -14,7 +14,6 @@ from .errors import BadManifest
 MAX_MANIFEST_BYTES = 4 << 20
 MANIFEST_MEDIA_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
 OCI_MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"
-MODEL_MEDIA_TYPE = "application/vnd.ollama.image.model"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -41,7 +41,7 @@ from modelfs.cache.blobcache import BlobCache
 from modelfs.cache.buffers import Pieces
 from modelfs.cache.chunks import DEFAULT_CHUNK_SIZE
 from modelfs.cache.errors import CacheFull, ModelfsError, SealMismatch
-from modelfs.cache.partial import PartialBlob, _pread_exact
+from modelfs.cache.partial import PartialBlob, pread_exact
 
 from .client import RegistryClient
 from .manifest import Layer
@@ -132,7 +132,6 @@ class Materializer:
         self._quarantine_seconds = quarantine_seconds
         self._background = background
         self._on_sealed = on_sealed or (lambda digest: None)
-        self.cache_root = cache.root
         self._states: dict[str, _BlobState] = {}
         self.fetches = 0  # chunk fetches started (statistics)
         self._budget = cache.budget
@@ -273,7 +272,7 @@ class Materializer:
         try:
             if state.sealed_fd < 0:
                 return None
-            data = await trio.to_thread.run_sync(_pread_exact, state.sealed_fd, size, offset,
+            data = await trio.to_thread.run_sync(pread_exact, state.sealed_fd, size, offset,
                                                  limiter=self._cache.limiter)
             self._budget.touch(digest, self._sealed_chunks(state, offset, size))
             return data

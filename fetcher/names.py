@@ -66,10 +66,6 @@ class ModelName:
         return f"{self.scheme}://{self.host}"
 
     @property
-    def repository(self) -> str:
-        return f"{self.namespace}/{self.model}"
-
-    @property
     def store_parts(self) -> tuple[str, str, str, str]:
         """(host, namespace, model, tag): the manifest's path below `manifests/`."""
         return (self.host, self.namespace, self.model, self.tag)

@@ -44,9 +44,6 @@ class ModelResolver:
     def known(self) -> dict[ModelName, Manifest]:
         return dict(self._known)
 
-    def cached(self, name: ModelName) -> Manifest | None:
-        return self._known.get(name)
-
     async def resolve(self, name: ModelName) -> Manifest:
         """The manifest of `name`, or NotFound / the registry's error."""
         while True:

@@ -39,9 +39,6 @@ class FetchQueue:
         self._seq = itertools.count()
         self._changed = trio.Event()
 
-    def __len__(self) -> int:
-        return sum(1 for job in self._jobs.values() if not job.running)
-
     def job(self, key) -> Job | None:
         return self._jobs.get(key)
 

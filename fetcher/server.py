@@ -71,13 +71,11 @@ import trio
 from modelfs.cache.digests import parse_digest
 from modelfs.cache.errors import InvalidName
 from modelfs.cache.store import ModelsDir
-from modelfs.fetcher.chunksum_store import (DEFAULT_CHUNK_SIZE, BlobChanged, BlobCorrupt,
-                                            ChunksumStore, default_state_dir)
+from modelfs.fetcher.chunksum_store import (DEFAULT_CHUNK_SIZE, MIN_CHUNK_SIZE,  # noqa: F401
+                                            BlobChanged, BlobCorrupt, ChunksumStore,
+                                            chunksums_text, default_state_dir)
 from modelfs.fetcher.names import DEFAULT_HOST, validate_part
 
-# The smallest chunk size `modelfs serve` offers: smaller ones make chunk lists (kept in memory
-# per blob) needlessly long. Tests use tiny chunks through `serve()` directly.
-MIN_CHUNK_SIZE = 64 << 10
 
 log = logging.getLogger("modelfs.serve")
 # Not a child of "modelfs.serve": a handler on that logger must see access lines only.
@@ -459,7 +457,7 @@ class RegistryApp:
             raise HttpError(500, "BLOB_CORRUPT", str(exc)) from None
         except BlobChanged as exc:  # being replaced while we hashed it: ask again shortly
             raise HttpError(503, "BLOB_CHANGED", str(exc), [("Retry-After", "1")]) from None
-        body = "".join(f"{c.digest} {c.start}-{c.end - 1}\n" for c in chunks).encode()
+        body = chunksums_text(chunks)
         await resp.whole(200, [("Content-Type", "text/plain; charset=utf-8"),
                                ("Content-Location", _blob_url(scope, route))], body)
 

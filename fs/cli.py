@@ -205,6 +205,9 @@ def cmd_pull(args) -> int:
     print(f"pulled {name.short(registry.host)}: {format_size(result.total_bytes)} verified and sealed "
           f"({format_size(result.fetched_bytes)} fetched in {result.fetched_chunks} chunks, "
           f"{format_size(result.cached_bytes)} already cached) in {elapsed:.1f}s")
+    if result.unverified_layers:
+        print(f"({result.unverified_layers} layer(s) came without chunk digests and were "
+              f"verified as whole blobs)")
     print(f"manifest: {ModelsDir(args.cache).manifest_path(name.store_parts)}")
     return 0
 
@@ -255,7 +258,8 @@ def cmd_status(args) -> int:
         print(json.dumps({
             "cache": str(args.cache), **totals,
             "models": [{"name": _display(m.parts), "size": m.size, "cached": m.cached,
-                        "sealed": m.sealed, "last_used": m.last_used or None,
+                        "sealed": m.sealed, "complete": m.complete_manifest,
+                        "last_used": m.last_used or None,
                         "blobs": [dataclasses.asdict(b) for b in m.blobs]} for m in models],
         }, indent=2))
         return 0

@@ -289,6 +289,8 @@ async def _serve(opts, cache, client, nursery, ready, state) -> None:
     finally:
         nursery.cancel_scope.cancel()
         state["close"] = materializer.close  # once the nursery's threads are done
+        log.info("served: %d chunk fetches, peak %d bytes in flight, %d bytes evicted",
+                 materializer.fetches, materializer.budget.peak, cache.budget.evicted_bytes)
 
 
 def run_foreground(opts: MountOptions) -> int:
