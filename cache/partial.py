@@ -346,11 +346,15 @@ class PartialBlob:
     async def evict_chunk(self, i: int) -> int:
         """Give chunk `i`'s disk space back (punch a hole); it is fetched again when needed.
         The caller makes sure nobody is reading it. Returns the bytes freed."""
-        if self._sealing or self._seal_lock.locked():
-            return 0  # being hashed or sealed right now: not a candidate
+        chunk = self.chunks[i]
+        if self._sealing:
+            return 0  # being sealed right now: not a candidate
+        if self._seal_lock.locked() and not (chunk.digest is not None and i < self._hashed_upto):
+            # the sealer may be reading it back right now; a chunk it has hashed already (and
+            # that is checked on its own when it comes back) is fair game
+            return 0
         if self.sealed:
             self.unseal()
-        chunk = self.chunks[i]
         if not self.readable[i]:
             return 0
         self.readable[i] = self.present[i] = False

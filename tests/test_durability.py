@@ -166,7 +166,8 @@ async def test_cap_far_below_the_model_streams_through(live_registry, tmp_path):
         assert report["cap"] == cap
         blob = next(b for mdl in report["models"] for b in mdl["blobs"] if b["digest"] == d)
         assert blob["cached"] <= cap + inflight
-        assert abs(blob["cached"] - blob["allocated"]) < 2 * 4096  # (partial end blocks)
+        # (a partial end block, and the extent-tree blocks a file full of holes needs)
+        assert abs(blob["cached"] - blob["allocated"]) <= 16 << 10
     finally:
         await trio.to_thread.run_sync(m.cleanup)
 
@@ -219,7 +220,7 @@ def test_status_matches_disk_and_evict_is_refused_while_mounted(tmp_path):
         blob = max(model["blobs"], key=lambda b: b["size"])
         partial = m.cache / "partial" / ("sha256-" + blob["digest"][7:] + ".partial")
         assert blob["cached"] > 0 and not blob["sealed"]
-        assert blob["cached"] == partial.stat().st_blocks * 512
+        assert abs(blob["cached"] - partial.stat().st_blocks * 512) <= 16 << 10  # (extents)
         table = subprocess.run(MODELFS + ["status", "--cache", str(m.cache)],
                                capture_output=True, text=True, check=True).stdout
         assert "m:1" in table and "no" in table

@@ -98,6 +98,8 @@ async def test_one_budget_bounds_fetches_in_flight(live_registry, tmp_path):
         blob_ranges = [s for s in reg.faults.seen if s.range]
         assert len(blob_ranges) >= 3 * 48
         # 16 workers and 3 readers, but never more than 4 chunks of bytes in flight
-        assert 2 <= reg.faults.max_ranges_in_flight <= 4
+        # (+1: the server counts a request until its handler returns, a moment after the
+        # client has the whole answer and has started the next one)
+        assert 2 <= reg.faults.max_ranges_in_flight <= 4 + 1
     finally:
         await trio.to_thread.run_sync(m.cleanup)
