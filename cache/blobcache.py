@@ -232,10 +232,7 @@ class BlobCache:
         blob = self._open.get(digest)
         if blob is not None:
             return blob.cached_bytes()
-        stored = self.index.load(digest)
-        if stored is None or stored[0] != size:
-            return 0
-        return sum(c.length for c, here in zip(stored[1], stored[2]) if here)
+        return self.index.present_bytes(digest, size)
 
     def unseal_for_eviction(self, digest: str) -> PartialBlob | None:
         """The blob of `digest` as an in-progress PartialBlob whose chunks can be evicted: an

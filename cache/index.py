@@ -167,6 +167,14 @@ class ChunkIndex:
             'SELECT digest, idx, "end" - start FROM chunks WHERE present=1 '
             "ORDER BY last_access, digest, idx LIMIT ?", (limit,)).fetchall()
 
+    def present_bytes(self, digest: str, size: int) -> int:
+        """Bytes of `digest`'s present chunks (0 if the index knows it at another size)."""
+        row = self._db.execute(
+            'SELECT sum(CASE WHEN c.present THEN c."end" - c.start ELSE 0 END) FROM blobs b '
+            "JOIN chunks c ON c.digest = b.digest WHERE b.digest=? AND b.size=?",
+            (digest, size)).fetchone()
+        return row[0] or 0
+
     def usage(self) -> int:
         """Bytes of every present chunk, sealed blobs included."""
         row = self._db.execute('SELECT sum("end" - start) FROM chunks WHERE present=1').fetchone()

@@ -110,6 +110,11 @@ class Mount:
             self.pid = int(m.group(1))
         return result
 
+    def unmount(self) -> None:
+        """`modelfs unmount`, then wait until the daemon is gone."""
+        subprocess.run(MODELFS + ["unmount", str(self.path)], check=True, capture_output=True)
+        assert self.wait_gone()
+
     def alive(self) -> bool:
         if self.pid is None:
             return False

@@ -156,9 +156,7 @@ async def test_cap_far_below_the_model_streams_through(live_registry, tmp_path):
         assert reg.faults.ranges(d).count(first) == 2
 
         # after the daemon is gone every written chunk is recorded (or was never counted)
-        await trio.to_thread.run_sync(lambda: subprocess.run(
-            MODELFS + ["unmount", str(m.path)], check=True, capture_output=True))
-        await trio.to_thread.run_sync(m.wait_gone)
+        await trio.to_thread.run_sync(m.unmount)
         status = await trio.to_thread.run_sync(lambda: subprocess.run(
             MODELFS + ["status", "--cache", str(cache), "--json"], capture_output=True,
             text=True, check=True))
@@ -191,8 +189,7 @@ def test_garbage_index_is_a_cold_cache_not_an_error(tmp_path):
         path = m.path / "m:1" / "model.gguf"
         with open(path, "rb") as f:
             f.read(1 << 20)
-        subprocess.run(MODELFS + ["unmount", str(m.path)], check=True, capture_output=True)
-        m.wait_gone()
+        m.unmount()
         (m.cache / "index.sqlite").write_bytes(os.urandom(5000))
         for suffix in ("-wal", "-shm"):
             (m.cache / f"index.sqlite{suffix}").unlink(missing_ok=True)
@@ -228,8 +225,7 @@ def test_status_matches_disk_and_evict_is_refused_while_mounted(tmp_path):
         busy = subprocess.run(MODELFS + ["evict", "m:1", "--registry", server.url, "--cache",
                                          str(m.cache)], capture_output=True, text=True)
         assert busy.returncode == 1 and "in use by another modelfs process" in busy.stderr
-        subprocess.run(MODELFS + ["unmount", str(m.path)], check=True, capture_output=True)
-        m.wait_gone()
+        m.unmount()
         done = subprocess.run(MODELFS + ["evict", "m:1", "--registry", server.url, "--cache",
                                          str(m.cache)], capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
@@ -273,8 +269,7 @@ def test_disk_full_evicts_and_retries_then_fails_cleanly(tmp_path):
                 finally:
                     os.close(fd)
                 assert "no room on disk" in m.log()
-            subprocess.run(MODELFS + ["unmount", str(m.path)], check=True, capture_output=True)
-            m.wait_gone()
+            m.unmount()
             check_recorded_chunks(m.cache, _model_digest(server))
             subprocess.run(["umount", "-l", str(small)], check=True)
             mounted_tmpfs.pop()

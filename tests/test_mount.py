@@ -340,8 +340,7 @@ def test_cached_chunks_survive_a_remount(world):
     path = m.path / "tiny:q1" / "model.gguf"
     with open(path, "rb") as f:
         first = f.read(CHUNK)
-    subprocess.run(MODELFS + ["unmount", str(m.path)], check=True, capture_output=True)
-    m.wait_gone()
+    m.unmount()
     world["server"].stop()  # everything below must come from the cache
     m.start()
     with open(path, "rb") as f:
