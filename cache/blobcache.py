@@ -27,6 +27,7 @@ import trio
 
 from .budget import DiskBudget
 from .buffers import punch_hole
+from .chunkbuf import BufferPool
 from .chunks import DEFAULT_CHUNK_SIZE, Chunk, check_coverage, fixed_chunks
 from .digests import parse_digest
 from .errors import ModelfsError
@@ -83,7 +84,7 @@ def _hash_file(path: pathlib.Path) -> tuple[str, int, int]:
 class BlobCache:
     """Owns the index and the open partial blobs of one cache directory (trio thread only)."""
 
-    def __init__(self, root: os.PathLike | str, *, durable: bool = True, io_threads: int = 2,
+    def __init__(self, root: os.PathLike | str, *, durable: bool = True, io_threads: int = 4,
                  cap: int | None = None, min_free: int | None = None,
                  sync_interval: float = 0.5):
         self.root = pathlib.Path(root)
@@ -98,6 +99,8 @@ class BlobCache:
         # Hashing, pwrite and fsync threads. The machine has about one core of compute, so a
         # couple of threads keep the disk and the hash busy without oversubscribing the CPU.
         self.limiter = trio.CapacityLimiter(io_threads)
+        # Memory for chunk bytes, shared by the blobs and the fetcher (cache/chunkbuf.py).
+        self.pool = BufferPool()
         self._open: dict[str, PartialBlob] = {}
         self._retired: list[PartialBlob] = []  # replaced while readers may still hold them
         self._adopting: dict[str, trio.Lock] = {}
@@ -123,6 +126,7 @@ class BlobCache:
             blob.close()
         self._open.clear()
         self._retired.clear()
+        self.pool.close()
         self.index.close()
         if self._lock_fd >= 0:
             os.close(self._lock_fd)  # releases the flock
@@ -203,7 +207,8 @@ class BlobCache:
         blob = PartialBlob(digest=digest, size=size, chunks=chunks, present=present, path=path,
                            final_path=self.store.blob_path(digest), index=self.index,
                            limiter=self.limiter, durable=self.durable,
-                           reserve=self.budget.reserve, sync_interval=self.sync_interval)
+                           reserve=self.budget.reserve, sync_interval=self.sync_interval,
+                           pool=self.pool)
         self._open[digest] = blob
         return blob
 

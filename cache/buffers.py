@@ -37,7 +37,10 @@ class Pieces:
 
 
 def parts_of(data) -> list:
-    return data.parts if isinstance(data, Pieces) else [data]
+    if isinstance(data, Pieces):
+        return data.parts
+    view = getattr(data, "view", None)  # a ChunkBuffer
+    return [data if view is None else view]
 
 
 def feed(hasher, data) -> None:

@@ -14,12 +14,18 @@ Concurrency contract (trio):
 - All state (`readable`, `present`, the sealer position, the index) changes on the trio thread.
 - Threads get an fd, bytes and (under `_seal_lock`) the sealer's hasher: hashing, pwrite, pread
   and fdatasync run via `trio.to_thread.run_sync(..., limiter=self._limiter)`.
-- Several tasks may write different chunks at once; the caller guarantees that one chunk has
-  at most one writer at a time (single-flight lives in the fetcher).
-- The sealer hashes readable chunks strictly in file order under `_seal_lock`. A chunk that
-  arrives in order is hashed from memory with its own check; one that arrived early is read
-  back when its turn comes (usually from the page cache). After a restart it starts again
-  from offset 0.
+- Several tasks may fetch different chunks at once; the caller guarantees that one chunk has
+  at most one writer at a time (single-flight lives in the fetcher). The writes themselves go
+  one at a time per file (`_write_lock`): concurrent ones would only contend, and on a full
+  disk one writer would take the room another's eviction just freed.
+- Chunk bytes come either as bytes (hashed here) or as a `Receiver` (cache/chunkbuf.py) that
+  the fetcher filled in its thread while our hasher took each piece. A received chunk is
+  written from its page-aligned buffer with O_DIRECT, so the cache file's page cache is not
+  filled (reads of it come back whole through `load_chunk`, direct too).
+- The sealer hashes readable chunks strictly in file order under `_seal_lock`, from the chunk
+  buffers kept for it (`_early`, at most EARLY_LIMIT bytes, each holding a buffer ref) or read
+  back from disk when they were not kept. It is driven from `commit_chunk`, before the batched
+  fdatasync, so kept buffers are let go soon. After a restart it starts again from offset 0.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import pathlib
 import trio
 
 from .buffers import feed, punch_hole, pwrite_all
+from .chunkbuf import PAGE, BufferPool, ChunkBuffer, Receiver
 from .chunks import Chunk, check_coverage
 from .digests import digest_hex
 from .errors import CacheFull, ChunkDigestMismatch, SealMismatch
@@ -42,8 +49,9 @@ from .store import fsync_dir
 
 log = logging.getLogger(__name__)
 
-# Bytes of chunks that arrived ahead of the sealer kept in memory for it, per blob.
-EARLY_LIMIT = 16 << 20
+# Bytes of chunks kept in memory for the sealer until it hashes them, per blob: enough for the
+# chunks that concurrent fetches finish ahead of the one it waits for.
+EARLY_LIMIT = 48 << 20
 
 
 def _sha256(data) -> str:
@@ -98,6 +106,55 @@ class GroupSync:
                 self._running = None
 
 
+def _open_direct(path) -> int:
+    """An O_DIRECT descriptor of the blob file for received chunks, or -1 where the filesystem
+    has no direct I/O (tmpfs)."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_DIRECT)
+    except (OSError, AttributeError):
+        return -1
+
+
+def _write_received(dfd: int, fd: int, view, offset: int) -> bool:
+    """Write a received chunk: its page-aligned part with O_DIRECT from the aligned buffer (no
+    copy into the page cache, whose fresh pages cost more than the copy on a VM), the rest
+    through the page cache. False if direct I/O was refused (then all of it went buffered)."""
+    n = len(view)
+    head = n - n % PAGE if dfd >= 0 and offset % PAGE == 0 else 0
+    if head:
+        try:
+            pwrite_all(dfd, view[:head], offset)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            pwrite_all(fd, view, offset)
+            return False
+    if head < n:
+        pwrite_all(fd, view[head:], offset + head)
+    return True
+
+
+def _read_into(dfd: int, fd: int, view, offset: int) -> None:
+    """Fill `view` from the blob file at `offset`: the page-aligned part with O_DIRECT (the
+    disk's DMA, no page-cache pages), the rest through the page cache."""
+    n = len(view)
+    head = n - n % PAGE if dfd >= 0 and offset % PAGE == 0 else 0
+    done = 0
+    while done < n:
+        use = dfd if done < head else fd
+        want = (head if done < head else n) - done
+        try:
+            got = os.preadv(use, [view[done:done + want]], offset + done)
+        except OSError as exc:
+            if use != dfd or exc.errno != errno.EINVAL:
+                raise
+            head = 0  # direct I/O refused: the rest through the page cache
+            continue
+        if got <= 0:
+            raise EOFError(f"unexpected end of cache file at offset {offset + done}")
+        done += got
+
+
 def _verify_and_feed(data, digest: str | None, hasher) -> str | None:
     """sha256 of a chunk (when it has a digest) and, if it matches, the same bytes into the
     whole-blob hasher: one thread trip, the bytes hot in the CPU cache for both."""
@@ -111,13 +168,15 @@ class PartialBlob:
     def __init__(self, *, digest: str, size: int, chunks: list[Chunk], present: list[bool],
                  path: pathlib.Path, final_path: pathlib.Path, index: ChunkIndex,
                  limiter: trio.CapacityLimiter, durable: bool = True, reserve=None,
-                 sealed: bool = False, sync_interval: float = 0.5):
+                 sealed: bool = False, sync_interval: float = 0.5,
+                 pool: BufferPool | None = None):
         self.digest, self.size = digest, size
         self.chunks = check_coverage(chunks, size)
         self.present = present  # durable and recorded in the index
         self.readable = list(present)  # verified and written (perhaps not durable yet)
         self._generation = [0] * len(chunks)  # GroupSync generation of each chunk's write
         self._early: dict[int, object] = {}  # chunks written ahead of the sealer, kept for it
+        self._pool = pool or BufferPool()
         self._early_bytes = 0
         self.path, self.final_path = path, final_path
         self._index = index
@@ -129,6 +188,7 @@ class PartialBlob:
             os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         if os.fstat(self._fd).st_size != size:
             os.ftruncate(self._fd, size)
+        self._dfd = _open_direct(final_path if sealed else path)
         self._sync = GroupSync(self._fd, limiter, sync_interval)
         self._hasher = hashlib.sha256()
         self._hashed_upto = 0  # chunks [0, _hashed_upto) are in the sealer's hash
@@ -149,9 +209,55 @@ class PartialBlob:
         return sum(c.length for c, here in zip(self.chunks, self.present) if here)
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self._clear_early()
+        for fd in (self._fd, self._dfd):
+            if fd >= 0:
+                os.close(fd)
+        self._fd = self._dfd = -1
+
+    def receiver(self, i: int) -> Receiver:
+        """A buffer to receive chunk `i` into, hashed by us as it arrives; give it to
+        `write_chunk`. The caller holds the buffer's first ref and releases it
+        (`release_buffer`)."""
+        return Receiver(self._pool.take(self.chunks[i].length),
+                        hashed=self.chunks[i].digest is not None)
+
+    async def load_chunk(self, i: int) -> ChunkBuffer:
+        """Chunk `i` read back from the file into a buffer (the caller releases it). The
+        caller has made sure it is readable and pinned."""
+        chunk = self.chunks[i]
+        buf = self._pool.take(chunk.length)
+        try:
+            await trio.to_thread.run_sync(_read_into, self._dfd, self._fd, buf.view, chunk.start,
+                                          limiter=self._limiter)
+        except BaseException:
+            buf.abandon()  # (a cancelled thread may still be reading into it)
+            self._pool.release(buf)
+            raise
+        return buf
+
+    def release_buffer(self, buf: ChunkBuffer) -> None:
+        self._pool.release(buf)
+
+    def _keep_early(self, i: int, data) -> None:
+        if isinstance(data, ChunkBuffer):
+            self._pool.hold(data)
+        self._early[i] = data
+        self._early_bytes += len(data)
+
+    def _pop_early(self, i: int):
+        data = self._early.pop(i, None)
+        if data is not None:
+            self._early_bytes -= len(data)
+        return data
+
+    def _done_with(self, data) -> None:
+        if isinstance(data, ChunkBuffer):
+            self._pool.release(data)
+
+    def _clear_early(self) -> None:
+        for i in list(self._early):
+            self._done_with(self._pop_early(i))
 
     async def put_chunk(self, i: int, data) -> None:
         """Verify, write, make durable and record chunk `i`. Raises ChunkDigestMismatch."""
@@ -160,17 +266,22 @@ class PartialBlob:
 
     async def write_chunk(self, i: int, data) -> bool:
         """Verify chunk `i` and write it at its offset; from then on it may be read (it is
-        `readable`), though it is not durable or recorded yet (`commit_chunk`). A chunk that
-        arrives in file order is fed to the sealer from memory in the same thread trip as its
-        own hash. False if the chunk was there already."""
+        `readable`), though it is not durable or recorded yet (`commit_chunk`). `data` is the
+        chunk's bytes (hashed here in a thread; one that arrives in file order is fed to the
+        sealer in the same trip) or a filled `Receiver` (hashed by us as it arrived, written
+        with direct I/O, kept for the sealer). False if the chunk was there already."""
         chunk = self.chunks[i]
-        if len(data) != chunk.length:
+        received = isinstance(data, Receiver)
+        got = data.filled if received else len(data)
+        if got != chunk.length:
             raise ChunkDigestMismatch(
-                f"chunk {i} of {self.digest[:19]}: got {len(data)} bytes, expected {chunk.length}")
+                f"chunk {i} of {self.digest[:19]}: got {got} bytes, expected {chunk.length}")
         if self.readable[i]:
             return False
-        actual, checked, fed = None, False, False
-        if i == self._hashed_upto and not self._seal_lock.locked():
+        actual, checked, fed = None, received, False
+        if received:
+            actual = data.digest()
+        elif i == self._hashed_upto and not self._seal_lock.locked():
             async with self._seal_lock:
                 if i == self._hashed_upto:
                     actual = await trio.to_thread.run_sync(
@@ -193,45 +304,65 @@ class PartialBlob:
             raise
         self.readable[i] = True
         self._generation[i] = self._sync.wrote()
-        if i > self._hashed_upto and self._early_bytes + len(data) <= EARLY_LIMIT:
-            # a little ahead of the sealer (concurrent fetches finish out of order): keep the
-            # bytes for it rather than read them back from disk a moment later
-            self._early[i] = data
-            self._early_bytes += len(data)
+        if i >= self._hashed_upto and self._early_bytes + chunk.length <= EARLY_LIMIT:
+            # ahead of the sealer (concurrent fetches finish out of order): keep the bytes
+            # for it rather than read them back from disk a moment later
+            self._keep_early(i, data.buf if received else data)
         return True
 
     async def _write(self, i: int, chunk: Chunk, data) -> None:
         if self._reserve is not None:
             await self._reserve(chunk.length)
-        async with self._write_lock:  # one writer per file: concurrent pwrites only contend
+        # One writer per file. Concurrent pwrites would only contend, and on a full disk a
+        # writer that is not alone takes the room that another one's eviction just freed.
+        async with self._write_lock:
             try:
-                await trio.to_thread.run_sync(pwrite_all, self._fd, data, chunk.start,
-                                              limiter=self._limiter)
+                await self._write_once(chunk, data)
             except OSError as exc:
                 if exc.errno != errno.ENOSPC or self._reserve is None:
                     raise
-                # the disk filled up under us: free some of the cache and try once more
-                await self._reserve(chunk.length, disk_full=True)
-                try:
-                    await trio.to_thread.run_sync(pwrite_all, self._fd, data, chunk.start,
-                                                  limiter=self._limiter)
-                except OSError as again:
-                    await trio.to_thread.run_sync(punch_hole, self._fd, chunk.start,
-                                                  chunk.length, limiter=self._limiter)
-                    raise CacheFull(f"no room on disk for chunk {i} of {self.digest[:19]} "
-                                    f"({again.strerror})") from again
+                await self._after_enospc(i, chunk, data)
+
+    async def _after_enospc(self, i: int, chunk: Chunk, data) -> None:
+        """The disk filled up under us: free some of the cache and try once more (under the
+        write lock: another writer would take the room just freed)."""
+        await self._reserve(chunk.length, disk_full=True)
+        try:
+            await self._write_once(chunk, data)
+        except OSError as again:
+            await trio.to_thread.run_sync(punch_hole, self._fd, chunk.start,
+                                          chunk.length, limiter=self._limiter)
+            raise CacheFull(f"no room on disk for chunk {i} of {self.digest[:19]} "
+                            f"({again.strerror})") from again
+
+    async def _write_once(self, chunk: Chunk, data) -> None:
+        if not isinstance(data, Receiver):
+            await trio.to_thread.run_sync(pwrite_all, self._fd, data, chunk.start,
+                                          limiter=self._limiter)
+            return
+        if not await trio.to_thread.run_sync(_write_received, self._dfd, self._fd, data.view,
+                                             chunk.start, limiter=self._limiter):
+            log.info("direct I/O refused on %s; writing through the page cache", self.path)
+            if self._dfd >= 0:
+                os.close(self._dfd)
+            self._dfd = -1
 
     def _restart_sealer(self) -> None:
         """Forget the whole-blob hash so far: it is built again from offset 0 (read back)."""
         self._hasher, self._hashed_upto = hashlib.sha256(), 0
-        self._early.clear()
-        self._early_bytes = 0
+        self._clear_early()
 
     async def commit_chunk(self, i: int) -> None:
         """Make chunk `i` durable (an fdatasync shared with the chunks around it) and record it
         in the index (invariant 2: recorded only once durable)."""
         if self.present[i]:
             return
+        if not self._seal_lock.locked():
+            # Catch the sealer up on the chunks written so far, from memory when it kept them.
+            # Here, not in write_chunk: readers waiting for a chunk never wait for this; and
+            # before the fdatasync, so the bytes kept for it are let go soon. Whoever holds the
+            # lock re-checks `readable` after each await, so nothing is missed.
+            await self._advance_sealer()
         while self._durable:
             generation = self._generation[i]
             await self._sync.wait_durable(generation)
@@ -241,11 +372,6 @@ class PartialBlob:
             return  # evicted while it waited to be durable: nothing to record
         self.present[i] = True
         self._index.mark_present(self.digest, [i])
-        if not self._seal_lock.locked():
-            # Catch the sealer up on chunks that arrived out of order (reading them back).
-            # Here, not in write_chunk: readers waiting for a chunk never wait for this. Whoever
-            # holds the lock re-checks `readable` after each await, so nothing is missed.
-            await self._advance_sealer()
 
     async def _advance_sealer(self) -> None:
         """Hash the readable chunks that follow the sealer's position, reading them back."""
@@ -254,14 +380,13 @@ class PartialBlob:
             hasher = self._hasher
             while self._hashed_upto < n and self.readable[self._hashed_upto]:
                 j = self._hashed_upto
-                chunk = self.chunks[j]
-                buf = self._early.pop(j, None)
-                if buf is not None:
-                    self._early_bytes -= len(buf)
-                else:
-                    buf = await trio.to_thread.run_sync(
-                        pread_exact, self._fd, chunk.length, chunk.start, limiter=self._limiter)
-                await trio.to_thread.run_sync(feed, hasher, buf, limiter=self._limiter)
+                buf = self._pop_early(j)
+                if buf is None:
+                    buf = await self.load_chunk(j)
+                try:
+                    await trio.to_thread.run_sync(feed, hasher, buf, limiter=self._limiter)
+                finally:
+                    self._done_with(buf)
                 if self._hasher is not hasher:
                     return  # restarted meanwhile (a failed write): what we hashed is void
                 self._hashed_upto = j + 1
@@ -337,8 +462,11 @@ class PartialBlob:
             self.readable = [False] * len(self.chunks)
             self._index.mark_absent(self.digest, list(range(len(self.chunks))))
             os.close(self._fd)
+            if self._dfd >= 0:
+                os.close(self._dfd)
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             os.ftruncate(self._fd, self.size)
+            self._dfd = _open_direct(self.path)
         self._index.forget_sealed(self.digest)
         self.sealed = False
         self._restart_sealer()  # read again when it is complete again
@@ -358,7 +486,7 @@ class PartialBlob:
         if not self.readable[i]:
             return 0
         self.readable[i] = self.present[i] = False
-        self._early_bytes -= len(self._early.pop(i, b""))
+        self._done_with(self._pop_early(i))
         if chunk.digest is None and i < self._hashed_upto:
             # its next bytes will not be checked on their own: the seal must hash them
             self._restart_sealer()
@@ -372,8 +500,7 @@ class PartialBlob:
         self._index.forget(self.digest)
         self.present = [False] * len(self.chunks)
         self.readable = [False] * len(self.chunks)
-        self._early.clear()
-        self._early_bytes = 0
+        self._clear_early()
         await trio.to_thread.run_sync(_unlink_quietly, self.path, limiter=self._limiter)
 
 

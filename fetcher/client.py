@@ -11,14 +11,12 @@ returns its connection to the pool (style.md §3.11).
 from __future__ import annotations
 
 import base64
-import email.utils
 import contextlib
 import dataclasses
 import logging
 import os
 import platform
 import re
-import time
 import urllib.parse
 
 import httpcore._async.http11
@@ -31,10 +29,12 @@ from modelfs.cache.chunks import DEFAULT_CHUNK_SIZE, Chunk, fixed_chunks
 from . import __version__
 from .chunksums import MAX_CHUNKSUMS_BYTES, parse_chunksums
 from .errors import (NotFound, ProtocolViolation, RegistryError, RegistryUnreachable, ShortBody,
-                     TemporaryError, Unauthorized, error_for_status)
+                     TemporaryError, Unauthorized, describe_error, error_for_status,
+                     parse_retry_after)
 from .manifest import (MANIFEST_MEDIA_TYPE, MAX_MANIFEST_BYTES, OCI_MANIFEST_MEDIA_TYPE, Layer,
                        Manifest, parse_manifest)
 from .names import ModelName
+from .rangeget import Abort, NeedsFullClient, RangeGetter, check_content_range
 from .retry import RetryPolicy, retrying
 
 log = logging.getLogger(__name__)
@@ -83,37 +83,12 @@ class ChunkPlan:
 
 
 def _error_message(response: httpx.Response, body: bytes) -> str:
-    """Docker-style `{"errors":[{"code","message"}]}` or `{"error": ...}` bodies, else raw text."""
-    text = body[:300].decode("utf-8", "replace").strip()
-    try:
-        import json
-        doc = json.loads(body)
-        if isinstance(doc, dict):
-            errs = doc.get("errors")
-            if isinstance(errs, list) and errs and isinstance(errs[0], dict):
-                text = f"{errs[0].get('code', '')}: {errs[0].get('message', '')}".strip(": ")
-            elif isinstance(doc.get("error"), str):
-                text = doc["error"]
-    except ValueError:
-        pass
-    return f"{response.request.method} {response.request.url}: HTTP {response.status_code}" + (
-        f" ({text})" if text else "")
+    return describe_error(response.request.method, response.request.url, response.status_code,
+                          body)
 
 
 def _retry_after(response: httpx.Response) -> float | None:
-    """Retry-After as seconds or as an HTTP date."""
-    value = response.headers.get("retry-after", "").strip()
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
+    return parse_retry_after(response.headers.get("retry-after", ""))
 
 
 @contextlib.contextmanager
@@ -158,6 +133,16 @@ class RegistryClient:
             follow_redirects=True,
             transport=transport,
         )
+        # The data plane (rangeget.py) for chunk bodies, unless the transport is a test double
+        # or MODELFS_DATA_PLANE=httpx asks for httpx everywhere.
+        self._raw = None
+        if transport is None and os.environ.get("MODELFS_DATA_PLANE", "direct") != "httpx":
+            self._raw = RangeGetter(user_agent=user_agent(),
+                                    connect_timeout=config.connect_timeout,
+                                    read_timeout=config.read_timeout,
+                                    min_rate=MIN_TRANSFER_RATE,
+                                    max_idle=config.max_connections,
+                                    ssl_context=httpx.create_ssl_context())
 
     async def __aenter__(self) -> "RegistryClient":
         return self
@@ -166,6 +151,8 @@ class RegistryClient:
         await self.aclose()
 
     async def aclose(self) -> None:
+        if self._raw is not None:
+            self._raw.close()
         await self._http.aclose()
 
     # -- requests ---------------------------------------------------------------------------
@@ -307,6 +294,32 @@ class RegistryClient:
                      "whole blob", name.base_url, layer.digest[:19], chunk_size)
             return ChunkPlan(blob_url, fixed_chunks(layer.size, chunk_size), False)
 
+    async def fetch_range_into(self, url: str, start: int, end: int, blob_size: int | None,
+                               receiver) -> None:
+        """Bytes [start, end) of the blob at `url` into `receiver` (cache/chunkbuf.py), or an
+        error. One attempt. Through the data plane in a worker thread when it can take the
+        answer; else, or when the answer needs more (a redirect, an auth challenge), httpx."""
+        if self._raw is not None and self._raw.usable(url):
+            abort = Abort()
+            try:
+                await trio.to_thread.run_sync(
+                    self._raw.get_into, url, start, end, blob_size, self._auth_headers(url),
+                    receiver, abort, abandon_on_cancel=True)
+                return
+            except trio.Cancelled:
+                # the thread may still be writing into the buffer: it is never reused
+                abort.abort()
+                receiver.buf.abandon()
+                raise
+            except NeedsFullClient:
+                receiver.reset()
+        data = await self.fetch_range(url, start, end, blob_size)
+        view, pos = receiver.view, 0
+        for part in data.parts:
+            view[pos:pos + len(part)] = part
+            pos += len(part)
+            receiver.received(pos)
+
     async def fetch_range(self, url: str, start: int, end: int, blob_size: int | None = None):
         """Exactly bytes [start, end) of the blob at `url`, or an error. One attempt.
 
@@ -330,7 +343,7 @@ class RegistryClient:
             if response.status_code != 206:
                 raise ProtocolViolation(f"{url}: unexpected status {response.status_code} to a "
                                         f"Range request")
-            _check_content_range(url, response.headers.get("content-range", ""), start, end,
+            check_content_range(url, response.headers.get("content-range", ""), start, end,
                                  blob_size)
             parts, pos = [], 0
             with map_transport_errors(url):
@@ -343,13 +356,3 @@ class RegistryClient:
                 raise ShortBody(f"{url}: range {start}-{end - 1} gave {pos} of {length} bytes")
             return Pieces(parts)
 
-
-def _check_content_range(url: str, value: str, start: int, end: int, size: int | None) -> None:
-    m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", value.strip())
-    if m is None:
-        raise ProtocolViolation(f"{url}: 206 without a valid Content-Range ({value[:60]!r})")
-    first, last, total = int(m.group(1)), int(m.group(2)), m.group(3)
-    if (first, last + 1) != (start, end):
-        raise ProtocolViolation(f"{url}: asked for bytes {start}-{end - 1}, got {first}-{last}")
-    if size is not None and total != "*" and int(total) != size:
-        raise ProtocolViolation(f"{url}: blob is {total} bytes, the manifest says {size}")

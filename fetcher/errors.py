@@ -4,7 +4,10 @@ and always chained."""
 
 from __future__ import annotations
 
+import email.utils
 import errno as _errno
+import json
+import time
 
 from modelfs.cache.errors import ModelfsError
 
@@ -72,3 +75,35 @@ def error_for_status(status: int, message: str, retry_after: float | None = None
     exc.status = status
     exc.retry_after = retry_after
     return exc
+
+
+def describe_error(method: str, url, status: int, body: bytes) -> str:
+    """Docker-style `{"errors":[{"code","message"}]}` or `{"error": ...}` bodies, else raw text."""
+    text = body[:300].decode("utf-8", "replace").strip()
+    try:
+        doc = json.loads(body)
+        if isinstance(doc, dict):
+            errs = doc.get("errors")
+            if isinstance(errs, list) and errs and isinstance(errs[0], dict):
+                text = f"{errs[0].get('code', '')}: {errs[0].get('message', '')}".strip(": ")
+            elif isinstance(doc.get("error"), str):
+                text = doc["error"]
+    except ValueError:
+        pass
+    return f"{method} {url}: HTTP {status}" + (f" ({text})" if text else "")
+
+
+def parse_retry_after(value: str) -> float | None:
+    """Retry-After as seconds or as an HTTP date."""
+    value = value.strip()
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())

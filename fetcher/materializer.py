@@ -16,8 +16,12 @@ Concurrency contract (trio thread only; file I/O goes through the cache's thread
   next read queues a new one.
 - A chunk is served as soon as it is verified and written (`readable`); it is made durable and
   recorded in the index right after, with one fdatasync shared by the chunks that wait for it.
-- Recently fetched chunks stay in memory (`memory_cache` bytes) so that the stream of small
-  reads behind them is answered without a disk read or a thread hop.
+- Chunks a reader wants (demand, or the window, also when the window reached a chunk that was
+  already being fetched in the background) stay in memory (`memory_cache` bytes, as refs on
+  their chunk buffers), so the stream of READs behind them is answered with slices of those
+  buffers, without a disk read or a thread hop. The memory cache is larger than the widest
+  window, or the chunks just ahead of a reader would be the first to go. A chunk read from
+  disk is read back whole, once (`_load`), and kept the same way.
 - Chunk lists come from the index when the blob was seen before (no network needed to read
   cached chunks); the registry is asked for the URL and list only when a chunk must be fetched.
 - When the last chunk lands, the blob is sealed once; a seal mismatch quarantines the blob:
@@ -39,6 +43,7 @@ import trio
 
 from modelfs.cache.blobcache import BlobCache
 from modelfs.cache.buffers import Pieces
+from modelfs.cache.chunkbuf import BufferPool, ChunkBuffer
 from modelfs.cache.chunks import DEFAULT_CHUNK_SIZE
 from modelfs.cache.errors import CacheFull, ModelfsError, SealMismatch
 from modelfs.cache.partial import PartialBlob, pread_exact
@@ -57,7 +62,8 @@ WHOLE_UP_TO = 1 << 20
 
 
 def _slice(data, lo: int, hi: int):
-    return data.slice(lo, hi) if isinstance(data, Pieces) else memoryview(data)[lo:hi]
+    return data.slice(lo, hi) if isinstance(data, (Pieces, ChunkBuffer)) else \
+        memoryview(data)[lo:hi]
 
 
 class Quarantined(ModelfsError):
@@ -93,11 +99,18 @@ class _BlobState:
 
 
 class MemoryCache:
-    """Recently fetched chunk bytes, least recently used out first, at most `limit` bytes."""
+    """Recently fetched chunk bytes, least recently used out first, at most `limit` bytes.
+    Holds a ref on each chunk buffer (cache/chunkbuf.py) and gives it back when it drops one."""
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, pool: BufferPool):
         self.limit, self.size = limit, 0
+        self._pool = pool
         self._items: collections.OrderedDict = collections.OrderedDict()
+
+    def _let_go(self, data) -> None:
+        self.size -= len(data)
+        if isinstance(data, ChunkBuffer):
+            self._pool.release(data)
 
     def get(self, key):
         data = self._items.get(key)
@@ -108,38 +121,46 @@ class MemoryCache:
     def put(self, key, data) -> None:
         if len(data) > self.limit or key in self._items:
             return
+        if isinstance(data, ChunkBuffer):
+            self._pool.hold(data)
         self._items[key] = data
         self.size += len(data)
         while self.size > self.limit:
-            _, old = self._items.popitem(last=False)
-            self.size -= len(old)
+            self._let_go(self._items.popitem(last=False)[1])
 
     def drop(self, digest: str) -> None:
         for key in [k for k in self._items if k[0] == digest]:
-            self.size -= len(self._items.pop(key))
+            self._let_go(self._items.pop(key))
+
+    def clear(self) -> None:
+        while self._items:
+            self._let_go(self._items.popitem()[1])
 
 
 class Materializer:
     def __init__(self, client: RegistryClient, cache: BlobCache, nursery: trio.Nursery, *,
-                 workers: int = 8, max_inflight: int = 64 << 20, memory_cache: int = 32 << 20,
+                 workers: int = 4, max_inflight: int = 64 << 20, memory_cache: int = 80 << 20,
                  chunk_size: int = DEFAULT_CHUNK_SIZE, quarantine_seconds: float = 30.0,
                  background: bool = True, on_sealed: Callable[[str], None] | None = None):
         self._client, self._cache, self._nursery = client, cache, nursery
         self._queue = FetchQueue()
         self.budget = ByteBudget(max_inflight)
-        self._memory = MemoryCache(memory_cache)
+        self._memory = MemoryCache(memory_cache, cache.pool)
+        self._loading: dict[tuple[str, int], trio.Event] = {}  # chunks being read back (_load)
         self._chunk_size = chunk_size
         self._quarantine_seconds = quarantine_seconds
         self._background = background
         self._on_sealed = on_sealed or (lambda digest: None)
         self._states: dict[str, _BlobState] = {}
         self.fetches = 0  # chunk fetches started (statistics)
+        self.loads = 0  # chunks read back from the disk for readers (statistics)
         self._budget = cache.budget
         self._budget.on_unseal.append(self._unsealed)
         for _ in range(max(1, workers)):
             nursery.start_soon(self._worker)
 
     def close(self) -> None:
+        self._memory.clear()
         for state in self._states.values():
             if state.sealed_fd >= 0:
                 os.close(state.sealed_fd)
@@ -245,11 +266,39 @@ class Materializer:
             chunk = blob.chunks[i]
             lo, hi = max(offset, chunk.start), min(end, chunk.end)
             data = self._memory.get((blob.digest, i))
+            if data is None and hi - lo < chunk.length:
+                # Part of a chunk: the reads behind this one want the rest of it, so it is
+                # read back whole, once (direct I/O), and kept (see _load).
+                data = await self._load(blob, i)
             if data is not None:
-                parts.append(_slice(data, lo - chunk.start, hi - chunk.start))
+                piece = _slice(data, lo - chunk.start, hi - chunk.start)
+                # A slice of a chunk buffer is valid while somebody holds the buffer: returned
+                # at once it is (no await until the FUSE reply is sent); kept across the awaits
+                # of the next chunk it is copied (cache/chunkbuf.py, ownership contract).
+                parts.append(piece if len(chunks) == 1 else bytes(piece))
             else:
                 parts.append(await blob.read(lo, hi - lo))
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def _load(self, blob: PartialBlob, i: int):
+        """Chunk `i` of a partial blob from the disk into the memory cache, once however many
+        reads want it. Its bytes, or None when the memory cache could not keep them."""
+        key = (blob.digest, i)
+        while (loading := self._loading.get(key)) is not None:
+            await loading.wait()
+            data = self._memory.get(key)
+            if data is not None:
+                return data
+        self._loading[key] = done = trio.Event()
+        try:
+            self.loads += 1
+            buf = await blob.load_chunk(i)
+            self._memory.put(key, buf)
+            blob.release_buffer(buf)
+            return self._memory.get(key)
+        finally:
+            del self._loading[key]
+            done.set()
 
     async def _is_sealed(self, state: _BlobState) -> bool:
         if state.sealed_fd >= 0:
@@ -351,13 +400,14 @@ class Materializer:
             job = await self._queue.get()
             state, i = job.payload
             try:
-                await self._run(state, i, keep=job.priority <= WINDOW)
+                await self._run(state, i, job)
             finally:
                 self._queue.done(job)
 
-    async def _run(self, state: _BlobState, i: int, keep: bool) -> None:
-        """Fetch chunk `i`; `keep` its bytes in memory when a reader is about to want them
-        (background chunks would only push those out)."""
+    async def _run(self, state: _BlobState, i: int, job) -> None:
+        """Fetch chunk `i`; keep its bytes in memory when a reader is about to want them
+        (the job was promoted to the window or a demand meanwhile); background chunks would
+        only push those out."""
         flight = state.flights.setdefault(i, _Flight())
         blob = state.partial
         try:
@@ -372,8 +422,9 @@ class Materializer:
                 if not blob.readable[i]:
                     self.fetches += 1
                     data = await fetch_chunk(self._client, blob, url, i)
-                    if keep:
+                    if job.priority <= WINDOW:
                         self._memory.put((blob.digest, i), data)
+                    blob.release_buffer(data)
             finally:
                 self.budget.release(length)
             if state.flights.get(i) is flight:

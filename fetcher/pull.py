@@ -4,8 +4,9 @@ Structure: one nursery per pull. A producer walks the missing chunks of every la
 order and feeds a bounded channel; `concurrency` workers each fetch a chunk (retrying temporary
 failures) and hand it to the cache's single door (`PartialBlob.write_chunk`, which verifies it);
 a separate task per chunk makes it durable and records it (`commit_chunk`, batched fsyncs).
-Chunks are taken in file order so the sealer mostly hashes from memory. Any final error cancels the whole pull; what
-was verified and recorded stays in the cache for the next run. The manifest is written last.
+Chunks are taken in file order so the sealer hashes them from the buffers they were received
+into. Any final error cancels the whole pull; what was verified and recorded stays in the cache
+for the next run. The manifest is written last.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class _Job:
 
 
 async def pull(name: ModelName, client: RegistryClient, cache: BlobCache, *,
-               concurrency: int = 8, chunk_size: int = DEFAULT_CHUNK_SIZE,
+               concurrency: int = 4, chunk_size: int = DEFAULT_CHUNK_SIZE,
                progress: Progress | None = None,
                on_start: Callable[[int], None] | None = None) -> PullResult:
     progress = progress or (lambda n: None)
@@ -115,7 +116,8 @@ async def _fetch_all(jobs: list[_Job], client: RegistryClient, concurrency: int,
     async def work(receive, nursery):
         async with receive:
             async for job in receive:
-                await fetch_chunk(client, job.blob, job.plan.url, job.index)
+                buf = await fetch_chunk(client, job.blob, job.plan.url, job.index)
+                job.blob.release_buffer(buf)
                 # made durable in batches while this worker fetches the next chunk
                 nursery.start_soon(job.blob.commit_chunk, job.index)
                 length = job.blob.chunks[job.index].length
@@ -132,15 +134,21 @@ async def _fetch_all(jobs: list[_Job], client: RegistryClient, concurrency: int,
 
 
 async def fetch_chunk(client: RegistryClient, blob: PartialBlob, url: str, index: int):
-    """Fetch chunk `index` and put it through the cache's verifying door, with retries. The
-    chunk is verified and written; the caller makes it durable (`blob.commit_chunk`), so
-    readers can be answered before the fdatasync. Returns the bytes."""
+    """Fetch chunk `index` into a buffer of the cache and put it through the cache's verifying
+    door, with retries. The chunk is verified and written; the caller makes it durable
+    (`blob.commit_chunk`), so readers can be answered before the fdatasync. Returns the
+    buffer holding its bytes, with a ref the caller gives back (`blob.release_buffer`)."""
     chunk = blob.chunks[index]
 
     async def once():
-        data = await client.fetch_range(url, chunk.start, chunk.end, blob.size)
-        await blob.write_chunk(index, data)
-        return data
+        receiver = blob.receiver(index)
+        try:
+            await client.fetch_range_into(url, chunk.start, chunk.end, blob.size, receiver)
+            await blob.write_chunk(index, receiver)
+        except BaseException:
+            blob.release_buffer(receiver.buf)
+            raise
+        return receiver.buf
 
     return await retrying(once, client.config.retry,
                           f"chunk {index} ({chunk.start}-{chunk.end - 1}) of {blob.digest[:19]}")

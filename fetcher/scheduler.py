@@ -47,7 +47,10 @@ class FetchQueue:
         job = self._jobs.get(key)
         if job is None:
             job = self._jobs[key] = Job(key, priority, payload)
-        elif job.running or job.priority <= priority:
+        elif job.priority <= priority:
+            return job
+        elif job.running:
+            job.priority = priority  # what it is wanted for now (the worker keeps its bytes)
             return job
         job.priority = priority
         heapq.heappush(self._heap, (priority, next(self._seq), job))

@@ -363,7 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", type=pathlib.Path, default=default_cache_dir(),
                    help="cache directory, an Ollama models dir (default $MODELFS_CACHE or "
                    "~/.cache/modelfs)")
-    p.add_argument("--concurrency", type=int, default=8, help="chunks in flight (default 8)")
+    p.add_argument("--concurrency", type=int, default=4,
+                   help="chunks in flight (default 4: enough to fill a fast link; more help on "
+                   "high-latency ones)")
     p.add_argument("--chunk-size", type=size_arg, default=DEFAULT_CHUNK_SIZE, metavar="SIZE",
                    help="range size when the registry has no chunk list (default 8M)")
     _budget_args(p)
@@ -380,8 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "log to <cache>/mount.log)")
     p.add_argument("--read-timeout", type=float, default=60.0, metavar="SECONDS",
                    help="a read that cannot be served in this time fails with EIO (default 60)")
-    p.add_argument("--max-fetches", type=int, default=8, metavar="N",
-                   help="chunk fetches in flight at most (default 8)")
+    p.add_argument("--max-fetches", type=int, default=4, metavar="N",
+                   help="chunk fetches in flight at most (default 4: enough to fill a fast link; "
+                   "more help on high-latency ones)")
     p.add_argument("--max-inflight", type=size_arg, default=64 << 20, metavar="SIZE",
                    help="bytes of chunk data in flight at most, all files together "
                    "(default 64M): bounds the daemon's memory")

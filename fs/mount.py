@@ -47,7 +47,7 @@ class MountOptions:
     models: list[str] = dataclasses.field(default_factory=list)
     read_timeout: float = 60.0
     allow_other: bool = False
-    max_fetches: int = 8
+    max_fetches: int = 4
     max_inflight: int = 64 << 20
     prefetch: str = "auto"
     readahead: int = 4 << 20
@@ -289,8 +289,9 @@ async def _serve(opts, cache, client, nursery, ready, state) -> None:
     finally:
         nursery.cancel_scope.cancel()
         state["close"] = materializer.close  # once the nursery's threads are done
-        log.info("served: %d chunk fetches, peak %d bytes in flight, %d bytes evicted",
-                 materializer.fetches, materializer.budget.peak, cache.budget.evicted_bytes)
+        log.info("served: %d chunk fetches, %d chunks read back, peak %d bytes in flight, "
+                 "%d bytes evicted", materializer.fetches, materializer.loads,
+                 materializer.budget.peak, cache.budget.evicted_bytes)
 
 
 def run_foreground(opts: MountOptions) -> int:

@@ -103,3 +103,15 @@ async def test_one_budget_bounds_fetches_in_flight(live_registry, tmp_path):
         assert 2 <= reg.faults.max_ranges_in_flight <= 4 + 1
     finally:
         await trio.to_thread.run_sync(m.cleanup)
+
+
+def test_a_running_job_remembers_that_a_reader_wants_it_now():
+    """A chunk fetched in the background that the window then asks for is kept in memory by
+    the worker (materializer._run reads the job's priority when the bytes are in)."""
+    from modelfs.fetcher.scheduler import BACKGROUND, WINDOW, FetchQueue
+    q = FetchQueue()
+    job = q.push(("d", 0), BACKGROUND, None)
+    job.running = True
+    assert q.push(("d", 0), WINDOW, None) is job and job.priority == WINDOW
+    q.push(("d", 0), BACKGROUND, None)
+    assert job.priority == WINDOW  # never demoted
