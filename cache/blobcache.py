@@ -177,6 +177,14 @@ class BlobCache:
             self.budget.used += size
         return True
 
+    def _blob(self, digest: str, size: int, chunks: list[Chunk], present: list[bool],
+              path: pathlib.Path, sealed: bool = False) -> PartialBlob:
+        return PartialBlob(digest=digest, size=size, chunks=chunks, present=present, path=path,
+                           final_path=self.store.blob_path(digest), index=self.index,
+                           limiter=self.limiter, durable=self.durable,
+                           reserve=self.budget.reserve, sealed=sealed,
+                           sync_interval=self.sync_interval, pool=self.pool)
+
     def open_partial(self, digest: str, size: int, chunks: list[Chunk]) -> PartialBlob:
         """The partial blob for `digest`, resuming what the index holds if the chunk list is
         the same as last time; a different list starts over (its chunks cannot be trusted to
@@ -188,6 +196,7 @@ class BlobCache:
             return blob
         if blob is not None:
             # Not closed here: a read in a thread may still use its fd. Closed with the cache.
+            blob.retire()
             self._retired.append(blob)
             del self._open[digest]
         path = self.partial_dir / partial_name(digest)
@@ -204,11 +213,7 @@ class BlobCache:
             path.unlink(missing_ok=True)
             self.index.replace(digest, size, chunks)
             present = [False] * len(chunks)
-        blob = PartialBlob(digest=digest, size=size, chunks=chunks, present=present, path=path,
-                           final_path=self.store.blob_path(digest), index=self.index,
-                           limiter=self.limiter, durable=self.durable,
-                           reserve=self.budget.reserve, sync_interval=self.sync_interval,
-                           pool=self.pool)
+        blob = self._blob(digest, size, chunks, present, path)
         self._open[digest] = blob
         return blob
 
@@ -261,11 +266,7 @@ class BlobCache:
             self.index.forget_sealed(digest)
             return None
         path = self.partial_dir / partial_name(digest)
-        blob = PartialBlob(digest=digest, size=size, chunks=chunks, present=present, path=path,
-                           final_path=self.store.blob_path(digest), index=self.index,
-                           limiter=self.limiter, durable=self.durable,
-                           reserve=self.budget.reserve, sealed=True,
-                           sync_interval=self.sync_interval)
+        blob = self._blob(digest, size, chunks, present, path, sealed=True)
         blob.unseal()
         self._open[digest] = blob
         self.budget.unsealed(digest, blob)
@@ -289,6 +290,7 @@ class BlobCache:
         a thread may still hold it); the next open starts from the index."""
         if self._open.get(blob.digest) is blob:
             del self._open[blob.digest]
+            blob.retire()
             self._retired.append(blob)
 
     async def commit_pending(self) -> None:

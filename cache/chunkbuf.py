@@ -64,11 +64,14 @@ class BufferPool:
         self._free: list[ChunkBuffer] = []
         self._free_bytes = 0
         self.allocated = 0  # bytes of buffers alive (statistics and tests)
+        self.created = 0  # buffers ever made (statistics: reuse keeps this small)
 
     def take(self, length: int) -> ChunkBuffer:
         best = None
         for buf in self._free:
-            if buf.capacity >= length and (best is None or buf.capacity < best.capacity):
+            # not one much larger than asked for: a small layer would hold a chunk's memory
+            if length <= buf.capacity <= max(2 * length, _GRAIN) and (
+                    best is None or buf.capacity < best.capacity):
                 best = buf
         if best is not None:
             self._free.remove(best)
@@ -76,6 +79,7 @@ class BufferPool:
         else:
             best = ChunkBuffer(max(_GRAIN, -(-length // _GRAIN) * _GRAIN))
             self.allocated += best.capacity
+            self.created += 1
         best.length = length
         best.view = memoryview(best.mem)[:length]
         best.refs = 1

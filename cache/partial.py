@@ -189,6 +189,8 @@ class PartialBlob:
         if os.fstat(self._fd).st_size != size:
             os.ftruncate(self._fd, size)
         self._dfd = _open_direct(final_path if sealed else path)
+        self._direct = self._dfd >= 0  # False once the filesystem refused a direct write
+        self._old_fds: list[int] = []  # replaced, closed with the blob (threads may hold them)
         self._sync = GroupSync(self._fd, limiter, sync_interval)
         self._hasher = hashlib.sha256()
         self._hashed_upto = 0  # chunks [0, _hashed_upto) are in the sealer's hash
@@ -210,10 +212,20 @@ class PartialBlob:
 
     def close(self) -> None:
         self._clear_early()
-        for fd in (self._fd, self._dfd):
+        for fd in (self._fd, self._dfd, *self._old_fds):
             if fd >= 0:
                 os.close(fd)
         self._fd = self._dfd = -1
+        self._old_fds.clear()
+
+    def retire(self) -> None:
+        """Replaced or discarded: let go of the memory it holds now (its fds stay open for
+        reads in flight and are closed by `close`)."""
+        self._clear_early()
+
+    @property
+    def _direct_fd(self) -> int:
+        return self._dfd if self._direct else -1
 
     def receiver(self, i: int) -> Receiver:
         """A buffer to receive chunk `i` into, hashed by us as it arrives; give it to
@@ -228,7 +240,8 @@ class PartialBlob:
         chunk = self.chunks[i]
         buf = self._pool.take(chunk.length)
         try:
-            await trio.to_thread.run_sync(_read_into, self._dfd, self._fd, buf.view, chunk.start,
+            await trio.to_thread.run_sync(_read_into, self._direct_fd, self._fd, buf.view,
+                                          chunk.start,
                                           limiter=self._limiter)
         except BaseException:
             buf.abandon()  # (a cancelled thread may still be reading into it)
@@ -276,11 +289,11 @@ class PartialBlob:
         if got != chunk.length:
             raise ChunkDigestMismatch(
                 f"chunk {i} of {self.digest[:19]}: got {got} bytes, expected {chunk.length}")
-        if self.readable[i]:
-            return False
         actual, checked, fed = None, received, False
         if received:
             actual = data.digest()
+        elif self.readable[i]:
+            checked = chunk.digest is None
         elif i == self._hashed_upto and not self._seal_lock.locked():
             async with self._seal_lock:
                 if i == self._hashed_upto:
@@ -296,6 +309,8 @@ class PartialBlob:
             raise ChunkDigestMismatch(
                 f"chunk {i} ({chunk.start}-{chunk.end - 1}) of {self.digest[:19]}...: "
                 f"sha256 {actual[7:19]}... does not match its digest {chunk.digest[7:19]}...")
+        if self.readable[i]:
+            return False  # (checked all the same: the caller may serve what it fetched)
         try:
             await self._write(i, chunk, data)
         except BaseException:
@@ -304,9 +319,11 @@ class PartialBlob:
             raise
         self.readable[i] = True
         self._generation[i] = self._sync.wrote()
-        if i >= self._hashed_upto and self._early_bytes + chunk.length <= EARLY_LIMIT:
-            # ahead of the sealer (concurrent fetches finish out of order): keep the bytes
-            # for it rather than read them back from disk a moment later
+        if i >= self._hashed_upto and self._early_bytes + chunk.length <= EARLY_LIMIT and \
+                chunk.end - self.chunks[self._hashed_upto].start <= EARLY_LIMIT:
+            # just ahead of the sealer (concurrent fetches finish out of order): keep the bytes
+            # for it rather than read them back from disk a moment later. Not far ahead: a
+            # reader elsewhere in the blob would pin them until the sealer got there.
             self._keep_early(i, data.buf if received else data)
         return True
 
@@ -340,12 +357,11 @@ class PartialBlob:
             await trio.to_thread.run_sync(pwrite_all, self._fd, data, chunk.start,
                                           limiter=self._limiter)
             return
-        if not await trio.to_thread.run_sync(_write_received, self._dfd, self._fd, data.view,
-                                             chunk.start, limiter=self._limiter):
+        if not await trio.to_thread.run_sync(_write_received, self._direct_fd, self._fd,
+                                             data.view, chunk.start, limiter=self._limiter):
+            # (not closed: a load_chunk thread may be using it; closed with the blob)
             log.info("direct I/O refused on %s; writing through the page cache", self.path)
-            if self._dfd >= 0:
-                os.close(self._dfd)
-            self._dfd = -1
+            self._direct = False
 
     def _restart_sealer(self) -> None:
         """Forget the whole-blob hash so far: it is built again from offset 0 (read back)."""
@@ -461,12 +477,11 @@ class PartialBlob:
             self.present = [False] * len(self.chunks)
             self.readable = [False] * len(self.chunks)
             self._index.mark_absent(self.digest, list(range(len(self.chunks))))
-            os.close(self._fd)
-            if self._dfd >= 0:
-                os.close(self._dfd)
+            self._old_fds += [self._fd, self._dfd]  # threads may still hold them
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             os.ftruncate(self._fd, self.size)
             self._dfd = _open_direct(self.path)
+            self._direct = self._dfd >= 0
         self._index.forget_sealed(self.digest)
         self.sealed = False
         self._restart_sealer()  # read again when it is complete again

@@ -45,7 +45,7 @@ import subprocess
 
 import trio
 
-from modelfs.cache.chunks import DEFAULT_CHUNK_SIZE, MAX_CHUNK_BYTES, Chunk
+from modelfs.cache.chunks import DEFAULT_CHUNK_SIZE, MAX_CHUNK_BYTES
 from modelfs.cache.digests import parse_digest
 from modelfs.cache.errors import InvalidName, ModelfsError
 from modelfs.cache.store import ModelsDir, atomic_write, fsync_dir

@@ -98,6 +98,13 @@ class _BlobState:
     sealed_starts: list[int] | None = None
 
 
+def _mkey(blob: PartialBlob, i: int) -> tuple[str, int, int]:
+    """A chunk's key in the memory cache: its byte range, not its index, so an entry put
+    under an older chunk list can never answer for another range."""
+    chunk = blob.chunks[i]
+    return blob.digest, chunk.start, chunk.length
+
+
 class MemoryCache:
     """Recently fetched chunk bytes, least recently used out first, at most `limit` bytes.
     Holds a ref on each chunk buffer (cache/chunkbuf.py) and gives it back when it drops one."""
@@ -107,8 +114,12 @@ class MemoryCache:
         self._pool = pool
         self._items: collections.OrderedDict = collections.OrderedDict()
 
+    @staticmethod
+    def _cost(data) -> int:
+        return data.capacity if isinstance(data, ChunkBuffer) else len(data)
+
     def _let_go(self, data) -> None:
-        self.size -= len(data)
+        self.size -= self._cost(data)
         if isinstance(data, ChunkBuffer):
             self._pool.release(data)
 
@@ -119,12 +130,12 @@ class MemoryCache:
         return data
 
     def put(self, key, data) -> None:
-        if len(data) > self.limit or key in self._items:
+        if self._cost(data) > self.limit or key in self._items:
             return
         if isinstance(data, ChunkBuffer):
             self._pool.hold(data)
         self._items[key] = data
-        self.size += len(data)
+        self.size += self._cost(data)
         while self.size > self.limit:
             self._let_go(self._items.popitem(last=False)[1])
 
@@ -146,7 +157,7 @@ class Materializer:
         self._queue = FetchQueue()
         self.budget = ByteBudget(max_inflight)
         self._memory = MemoryCache(memory_cache, cache.pool)
-        self._loading: dict[tuple[str, int], trio.Event] = {}  # chunks being read back (_load)
+        self._loading: dict[tuple, trio.Event] = {}  # chunks being read back (_load)
         self._chunk_size = chunk_size
         self._quarantine_seconds = quarantine_seconds
         self._background = background
@@ -253,23 +264,23 @@ class Materializer:
                 await self._wait_chunk(state, i)
             if state.partial is blob and all(blob.readable[i] for i in chunks):
                 self._budget.touch(blob.digest, chunks)
-                return await self._read_chunks(blob, chunks, offset, size)
+                return await self._read_chunks(state, blob, chunks, offset, size)
         finally:
             self._budget.unpin(blob.digest, chunks)
         return None  # replaced by a new chunk list meanwhile: go round again
 
-    async def _read_chunks(self, blob: PartialBlob, chunks: range, offset: int,
-                           size: int) -> bytes:
+    async def _read_chunks(self, state: _BlobState, blob: PartialBlob, chunks: range,
+                           offset: int, size: int) -> bytes:
         parts = []
         end = offset + size
         for i in chunks:
             chunk = blob.chunks[i]
             lo, hi = max(offset, chunk.start), min(end, chunk.end)
-            data = self._memory.get((blob.digest, i))
+            data = self._memory.get(_mkey(blob, i))
             if data is None and hi - lo < chunk.length:
                 # Part of a chunk: the reads behind this one want the rest of it, so it is
                 # read back whole, once (direct I/O), and kept (see _load).
-                data = await self._load(blob, i)
+                data = await self._load(state, blob, i)
             if data is not None:
                 piece = _slice(data, lo - chunk.start, hi - chunk.start)
                 # A slice of a chunk buffer is valid while somebody holds the buffer: returned
@@ -280,10 +291,10 @@ class Materializer:
                 parts.append(await blob.read(lo, hi - lo))
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    async def _load(self, blob: PartialBlob, i: int):
+    async def _load(self, state: _BlobState, blob: PartialBlob, i: int):
         """Chunk `i` of a partial blob from the disk into the memory cache, once however many
         reads want it. Its bytes, or None when the memory cache could not keep them."""
-        key = (blob.digest, i)
+        key = _mkey(blob, i)
         while (loading := self._loading.get(key)) is not None:
             await loading.wait()
             data = self._memory.get(key)
@@ -293,7 +304,8 @@ class Materializer:
         try:
             self.loads += 1
             buf = await blob.load_chunk(i)
-            self._memory.put(key, buf)
+            if state.partial is blob:  # (else reset meanwhile: not to be kept)
+                self._memory.put(key, buf)
             blob.release_buffer(buf)
             return self._memory.get(key)
         finally:
@@ -422,8 +434,8 @@ class Materializer:
                 if not blob.readable[i]:
                     self.fetches += 1
                     data = await fetch_chunk(self._client, blob, url, i)
-                    if job.priority <= WINDOW:
-                        self._memory.put((blob.digest, i), data)
+                    if job.priority <= WINDOW and state.partial is blob:
+                        self._memory.put(_mkey(blob, i), data)
                     blob.release_buffer(data)
             finally:
                 self.budget.release(length)

@@ -67,11 +67,12 @@ class Abort:
         self._sock: socket.socket | None = None
         self.aborted = False
 
-    def attach(self, sock: socket.socket | None) -> None:
+    def attach(self, sock: socket.socket) -> None:
         with self._lock:
-            self._sock = sock
             if self.aborted:
+                sock.close()
                 raise Aborted("fetch cancelled")
+            self._sock = sock
 
     def detach(self) -> None:
         with self._lock:
@@ -82,7 +83,9 @@ class Abort:
             self.aborted = True
             if self._sock is not None:
                 try:
-                    self._sock.shutdown(socket.SHUT_RDWR)
+                    # the plain socket's shutdown, also under TLS: SSLSocket.shutdown would
+                    # change the TLS state under the thread that is using it
+                    socket.socket.shutdown(self._sock, socket.SHUT_RDWR)
                 except OSError:
                     pass
 
@@ -151,19 +154,24 @@ class RangeGetter:
         for attempt in (1, 2):
             conn = self._checkout(key, abort)
             try:
-                self._exchange(conn, url, parts, start, end, blob_size, headers, receiver,
-                               deadline, abort)
-                return
+                keep = self._exchange(conn, url, parts, start, end, blob_size, headers,
+                                      receiver, deadline, abort)
             except _Stale:
                 conn.close()
                 receiver.reset()
                 if attempt == 2 or not conn.reused:
                     raise TemporaryError(f"{url}: connection closed before any answer") from None
+                continue  # a kept-alive connection the server had dropped: a new one
             except BaseException:
                 conn.close()
                 raise
             finally:
-                abort.detach()
+                abort.detach()  # before the connection can go to another thread
+            if keep:
+                self._checkin(conn)
+            else:
+                conn.close()
+            return
 
     def _checkout(self, key: tuple, abort: Abort) -> _Conn:
         with self._lock:
@@ -171,7 +179,9 @@ class RangeGetter:
             while idle:
                 conn = idle.pop()
                 # readable while idle means the server closed it (or sent junk): not reusable
-                if select.select([conn.sock], [], [], 0)[0]:
+                poller = select.poll()
+                poller.register(conn.sock, select.POLLIN)
+                if poller.poll(0):
                     conn.close()
                     continue
                 conn.reused = True
@@ -204,7 +214,8 @@ class RangeGetter:
 
     def _exchange(self, conn: _Conn, url: str, parts, start: int, end: int,
                   blob_size: int | None, headers: dict[str, str], receiver, deadline: float,
-                  abort: Abort) -> None:
+                  abort: Abort) -> bool:
+        """One request and its answer; True if the connection may be used again."""
         length = end - start
         sock = conn.sock
         target = parts.path or "/"
@@ -251,12 +262,8 @@ class RangeGetter:
             if abort.aborted:
                 raise Aborted(f"{url}: fetch cancelled") from exc
             raise TemporaryError(f"{url}: {type(exc).__name__}: {exc}") from exc
-        keep = head.version == "HTTP/1.1" and "close" not in head.headers.get(
+        return head.version == "HTTP/1.1" and "close" not in head.headers.get(
             "connection", "").lower()
-        if keep:
-            self._checkin(conn)
-        else:
-            conn.close()
 
     def _stalled(self, url: str, start: int, end: int) -> TemporaryError:
         return TemporaryError(f"{url}: range {start}-{end - 1} stalled (no answer at "

@@ -290,8 +290,9 @@ async def _serve(opts, cache, client, nursery, ready, state) -> None:
         nursery.cancel_scope.cancel()
         state["close"] = materializer.close  # once the nursery's threads are done
         log.info("served: %d chunk fetches, %d chunks read back, peak %d bytes in flight, "
-                 "%d bytes evicted", materializer.fetches, materializer.loads,
-                 materializer.budget.peak, cache.budget.evicted_bytes)
+                 "%d bytes evicted, %d chunk buffers made", materializer.fetches,
+                 materializer.loads, materializer.budget.peak, cache.budget.evicted_bytes,
+                 cache.pool.created)
 
 
 def run_foreground(opts: MountOptions) -> int:
@@ -312,7 +313,18 @@ def run_foreground(opts: MountOptions) -> int:
 def _write_pid(mountpoint) -> None:
     path = pid_file(mountpoint)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _forget_dead_daemons(path.parent)
     path.write_text(f"{os.getpid()}\n")
+
+
+def _forget_dead_daemons(runtime_dir: pathlib.Path) -> None:
+    """Pid files of daemons that died without cleaning up (SIGKILL) would pile up."""
+    for other in runtime_dir.glob("*.pid"):
+        try:
+            if not _alive(int(other.read_text())):
+                other.unlink(missing_ok=True)
+        except (OSError, ValueError):
+            continue
 
 
 def run_background(opts: MountOptions, log_file: pathlib.Path) -> int:

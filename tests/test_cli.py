@@ -1,7 +1,6 @@
 """The `modelfs` command line as users run it: real processes, a real server on 127.0.0.1."""
 
 import os
-import pathlib
 import signal
 import sqlite3
 import subprocess

@@ -3,7 +3,6 @@ fail without leaving an unverified byte in the cache."""
 
 import hashlib
 import json
-import os
 
 import pytest
 import trio
