@@ -28,6 +28,7 @@ import trio
 from .budget import DiskBudget
 from .buffers import punch_hole
 from .chunkbuf import BufferPool
+from .lowprio import LowPriorityThread
 from .chunks import DEFAULT_CHUNK_SIZE, Chunk, check_coverage, fixed_chunks
 from .digests import parse_digest
 from .errors import ModelfsError
@@ -86,7 +87,7 @@ class BlobCache:
 
     def __init__(self, root: os.PathLike | str, *, durable: bool = True, io_threads: int = 4,
                  cap: int | None = None, min_free: int | None = None,
-                 sync_interval: float = 0.5):
+                 sync_interval: float = 0.5, background_seal: bool = False):
         self.root = pathlib.Path(root)
         self.store = ModelsDir(self.root).create()
         # One process per cache: two writers would race on the same partial files and seals.
@@ -101,6 +102,10 @@ class BlobCache:
         self.limiter = trio.CapacityLimiter(io_threads)
         # Memory for chunk bytes, shared by the blobs and the fetcher (cache/chunkbuf.py).
         self.pool = BufferPool()
+        # Sealers hash in a thread at the lowest priority when readers come first (a mount);
+        # in trio's threads when the seal is what everyone waits for (a pull).
+        self.hash_thread = LowPriorityThread(name="modelfs-sealer") if background_seal \
+            else None
         self._open: dict[str, PartialBlob] = {}
         self._retired: list[PartialBlob] = []  # replaced while readers may still hold them
         self._adopting: dict[str, trio.Lock] = {}
@@ -127,6 +132,8 @@ class BlobCache:
         self._open.clear()
         self._retired.clear()
         self.pool.close()
+        if self.hash_thread is not None:
+            self.hash_thread.close()
         self.index.close()
         if self._lock_fd >= 0:
             os.close(self._lock_fd)  # releases the flock
@@ -183,7 +190,8 @@ class BlobCache:
                            final_path=self.store.blob_path(digest), index=self.index,
                            limiter=self.limiter, durable=self.durable,
                            reserve=self.budget.reserve, sealed=sealed,
-                           sync_interval=self.sync_interval, pool=self.pool)
+                           sync_interval=self.sync_interval, pool=self.pool,
+                           hash_thread=self.hash_thread)
 
     def open_partial(self, digest: str, size: int, chunks: list[Chunk]) -> PartialBlob:
         """The partial blob for `digest`, resuming what the index holds if the chunk list is

@@ -25,7 +25,9 @@ Concurrency contract (trio):
 - The sealer hashes readable chunks strictly in file order under `_seal_lock`, from the chunk
   buffers kept for it (`_early`, at most EARLY_LIMIT bytes, each holding a buffer ref) or read
   back from disk when they were not kept. It is driven from `commit_chunk`, before the batched
-  fdatasync, so kept buffers are let go soon. After a restart it starts again from offset 0.
+  fdatasync, so kept buffers are let go soon, and waits while `seal_paused()` says readers are
+  being served (a mount sets it); `seal` itself never waits. It hashes in the cache's
+  low-priority thread when there is one. After a restart it starts again from offset 0.
 """
 
 from __future__ import annotations
@@ -169,7 +171,7 @@ class PartialBlob:
                  path: pathlib.Path, final_path: pathlib.Path, index: ChunkIndex,
                  limiter: trio.CapacityLimiter, durable: bool = True, reserve=None,
                  sealed: bool = False, sync_interval: float = 0.5,
-                 pool: BufferPool | None = None):
+                 pool: BufferPool | None = None, hash_thread=None):
         self.digest, self.size = digest, size
         self.chunks = check_coverage(chunks, size)
         self.present = present  # durable and recorded in the index
@@ -177,6 +179,10 @@ class PartialBlob:
         self._generation = [0] * len(chunks)  # GroupSync generation of each chunk's write
         self._early: dict[int, object] = {}  # chunks written ahead of the sealer, kept for it
         self._pool = pool or BufferPool()
+        self._hash_thread = hash_thread  # a LowPriorityThread (lowprio.py) for the sealer, or None
+        # Set by a mount: true while readers are being served. The sealer then waits (it
+        # would compete with them for the CPU) and catches up when they pause or at the seal.
+        self.seal_paused = None
         self._early_bytes = 0
         self.path, self.final_path = path, final_path
         self._index = index
@@ -395,12 +401,17 @@ class PartialBlob:
             n = len(self.chunks)
             hasher = self._hasher
             while self._hashed_upto < n and self.readable[self._hashed_upto]:
+                if not self._sealing and self.seal_paused is not None and self.seal_paused():
+                    return
                 j = self._hashed_upto
                 buf = self._pop_early(j)
                 if buf is None:
                     buf = await self.load_chunk(j)
                 try:
-                    await trio.to_thread.run_sync(feed, hasher, buf, limiter=self._limiter)
+                    if self._hash_thread is not None:
+                        await self._hash_thread.run(feed, hasher, buf)
+                    else:
+                        await trio.to_thread.run_sync(feed, hasher, buf, limiter=self._limiter)
                 finally:
                     self._done_with(buf)
                 if self._hasher is not hasher:

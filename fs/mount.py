@@ -222,7 +222,9 @@ async def _watch_signals(task_status=trio.TASK_STATUS_IGNORED) -> None:
 
 async def serve_mount(opts: MountOptions, ready) -> None:
     """Mount, call `ready(None)` once the mount is visible, serve until unmounted."""
-    cache = BlobCache(opts.cache, cap=opts.cache_max, min_free=opts.min_free)
+    # readers first: sealing waits for them and hashes at low priority (cache/lowprio.py)
+    cache = BlobCache(opts.cache, cap=opts.cache_max, min_free=opts.min_free,
+                      background_seal=True)
     state = {"mounted": False}
     try:
         async with RegistryClient(ClientConfig.from_env()) as client:
@@ -286,6 +288,10 @@ async def _serve(opts, cache, client, nursery, ready, state) -> None:
                 await cache.commit_pending()
             except Exception as exc:  # e.g. a full disk: those chunks are fetched again
                 log.warning("recording the last chunks at unmount failed: %s", exc)
+        with trio.move_on_after(20, shield=True) as scope:
+            await materializer.finish_seals()
+        if scope.cancelled_caught:
+            log.warning("unmounted before a seal finished; the next mount or pull seals it")
     finally:
         nursery.cancel_scope.cancel()
         state["close"] = materializer.close  # once the nursery's threads are done

@@ -40,3 +40,30 @@ async def test_blob_that_failed_its_seal_is_fetched_again_and_served(live_regist
                 nursery.cancel_scope.cancel()
     finally:
         cache.close()
+
+
+async def test_sealer_waits_for_the_readers_then_seals(live_registry, tmp_path):
+    """While a blob is being read, its whole-blob hash waits (it would take the readers' CPU);
+    once they pause, the blob is sealed. A chunk list is served, so reads never wait on it."""
+    reg = await live_registry(chunk_size=64 << 10)
+    source, imported = reg.add_model("steady", 4 << 20)
+    layer, data = imported.model, source.read_bytes()
+    cache = BlobCache(tmp_path / "cache", sync_interval=0.01, background_seal=True)
+    try:
+        async with RegistryClient(ClientConfig(retry=FAST_RETRY)) as client:
+            async with trio.open_nursery() as nursery:
+                mat = Materializer(client, cache, nursery, background=False)
+                name = reg.name("steady")
+                step = 64 << 10
+                for off in range(0, layer.size, step):
+                    assert await mat.read(name, layer, off, step) == data[off:off + step]
+                blob = cache.open_stored(layer.digest, layer.size)
+                assert all(blob.readable) and not blob.sealed
+                assert blob._hashed_upto == 0  # nothing hashed while the reads went on
+                with trio.fail_after(10):
+                    while not cache.is_sealed(layer.digest, layer.size):
+                        await trio.sleep(0.05)
+                assert cache.store.blob_path(layer.digest).read_bytes() == data
+                nursery.cancel_scope.cancel()
+    finally:
+        cache.close()
