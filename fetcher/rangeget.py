@@ -10,7 +10,9 @@ is copied or allocated: the same loopback transfer took about half the CPU.
 Scope: HTTP/1.1 over TCP or TLS, keep-alive, one request per connection at a time. A response
 taken here is a `206` with a Content-Length, a Content-Range that matches and no
 Transfer-Encoding; a failure status (other than 401) is turned into the same error the client
-raises. Anything that needs the full client (a redirect, an auth challenge, chunked framing) is
+raises. Redirects are followed here (without credentials to another origin) and remembered for
+a few minutes, so a registry that sends blobs to a CDN costs one extra request per blob, not per
+chunk. Anything that needs the full client (an auth challenge, chunked framing) is
 `NeedsFullClient`: nothing was taken into the buffer, and the caller asks again through httpx.
 So does a URL that a proxy from the environment applies to (`usable`).
 
@@ -32,12 +34,21 @@ import time
 import urllib.parse
 import urllib.request
 
-from .errors import (ProtocolViolation, RegistryUnreachable, ShortBody, TemporaryError,
-                     describe_error, error_for_status, parse_retry_after)
+from .errors import (ProtocolViolation, RegistryError, RegistryUnreachable, ShortBody,
+                     TemporaryError, describe_error, error_for_status, parse_retry_after)
 
 MAX_HEAD = 64 << 10  # status line and headers
+MAX_REDIRECTS = 5
+REDIRECT_MEMORY = 300.0  # seconds a redirect target (a CDN's signed URL) is used again
+REDIRECT_MEMOS = 256
 MAX_ERROR_BODY = 64 << 10  # an error answer's body is read (for its message) up to this
 HASH_STEP = 1 << 20  # the receiver hashes this much at a time, while it is in the CPU cache
+
+
+class _Redirect(Exception):
+    def __init__(self, location: str):
+        super().__init__(location)
+        self.location = location
 
 
 class NeedsFullClient(Exception):
@@ -90,6 +101,11 @@ class Abort:
                     pass
 
 
+def _origin(url: str) -> tuple:
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme, parts.hostname, parts.port
+
+
 class _Stale(Exception):
     """A kept-alive connection the server had closed: nothing was sent back at all."""
 
@@ -123,6 +139,7 @@ class RangeGetter:
         self._max_idle = max_idle
         self._ssl = ssl_context
         self._idle: dict[tuple, list[_Conn]] = {}
+        self._redirects: dict[str, tuple[str, float]] = {}  # url -> (target, until)
         self._lock = threading.Lock()
         self.requests = 0  # statistics
 
@@ -145,8 +162,58 @@ class RangeGetter:
 
     def get_into(self, url: str, start: int, end: int, blob_size: int | None,
                  headers: dict[str, str], receiver, abort: Abort | None = None) -> None:
-        """Receive bytes [start, end) of `url` into `receiver.view[:end - start]` (blocking)."""
+        """Receive bytes [start, end) of `url` into `receiver.view[:end - start]` (blocking).
+
+        Redirects are followed (a registry sends blob requests to its CDN) and their target is
+        remembered for a while, so the next chunks go straight there; a remembered target that
+        fails is forgotten and the registry asked again. Credentials go to the registry's
+        origin only, never to where it redirects."""
+        target, remembered = self._remembered(url), True
+        if target is None:
+            target, remembered = url, False
+        for _ in range(MAX_REDIRECTS + 1):
+            send = headers if _origin(target) == _origin(url) else {}
+            try:
+                self._get_one(target, start, end, blob_size, send, receiver, abort)
+            except _Redirect as redirect:
+                receiver.reset()
+                target, remembered = redirect.location, False
+                continue
+            except (ProtocolViolation, NeedsFullClient, TemporaryError, RegistryError):
+                if not remembered:
+                    raise
+                self._forget(url)  # an expired signed URL, say: ask the registry again
+                receiver.reset()
+                target, remembered = url, False
+                continue
+            if target != url and not remembered:
+                self._remember(url, target)
+            return
+        raise ProtocolViolation(f"{url}: more than {MAX_REDIRECTS} redirects")
+
+    def _remembered(self, url: str) -> str | None:
+        with self._lock:
+            memo = self._redirects.get(url)
+            if memo is None or memo[1] < time.monotonic():
+                self._redirects.pop(url, None)
+                return None
+            return memo[0]
+
+    def _remember(self, url: str, target: str) -> None:
+        with self._lock:
+            if len(self._redirects) >= REDIRECT_MEMOS:
+                self._redirects.pop(next(iter(self._redirects)))
+            self._redirects[url] = (target, time.monotonic() + REDIRECT_MEMORY)
+
+    def _forget(self, url: str) -> None:
+        with self._lock:
+            self._redirects.pop(url, None)
+
+    def _get_one(self, url: str, start: int, end: int, blob_size: int | None,
+                 headers: dict[str, str], receiver, abort: Abort | None) -> None:
         parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise NeedsFullClient(f"{url}: not a URL for the data plane")
         key = (parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https"
                                                            else 80))
         deadline = time.monotonic() + self._read_timeout + (end - start) / self._min_rate
@@ -318,6 +385,9 @@ class RangeGetter:
         if status == 200:
             raise ProtocolViolation(f"{url}: server ignored Range bytes={start}-{end - 1} (200 "
                                     f"with the whole body); refusing to use it")
+        location = head.headers.get("location")
+        if status in (301, 302, 303, 307, 308) and location:
+            raise _Redirect(urllib.parse.urljoin(url, location))
         if status == 401 or 300 <= status < 400:
             raise NeedsFullClient(f"{url}: HTTP {status}")
         if status < 400:

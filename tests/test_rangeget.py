@@ -168,7 +168,7 @@ def test_temporary_failures_carry_retry_after(server):
 
 
 @pytest.mark.parametrize("answer", [
-    status(302, headers="Location: /elsewhere\r\n"),
+    status(302),  # a redirect without a Location
     status(401, headers='WWW-Authenticate: Bearer realm="x"\r\n'),
     lambda c, f, l, n: c.sendall(b"HTTP/1.1 206 X\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
 ])
@@ -223,22 +223,58 @@ def test_proxied_and_odd_urls_are_left_to_httpx(monkeypatch):
     assert not g.usable("http://registry.test/x")
 
 
-async def test_client_falls_back_to_httpx_for_a_redirect(server):
-    """A 302 on the data plane: the same range through httpx, which follows it."""
-    def answer(conn, first, last, n):
-        if "/elsewhere" in srv.heads[-1].split("\r\n")[0]:
-            partial(conn, first, last, n)
-        else:
-            status(302, headers=f"Location: http://127.0.0.1:{srv.port}/elsewhere\r\n")(
-                conn, first, last, n)
-    srv = server(answer)
+def test_redirects_are_followed_remembered_and_get_no_credentials(server):
+    """The registry sends blob requests to a CDN: followed without the Authorization header,
+    and the next chunks go straight to the CDN; a redirect loop is refused."""
+    cdn = server(partial)
+    registry = server(status(307, headers=f"Location: http://127.0.0.1:{cdn.port}/signed?x=1"
+                                          f"\r\n"))
+    g = getter()
+    pool = BufferPool()
+    for start in (0, 1000, 2000):
+        rec = Receiver(pool.take(1000))
+        g.get_into(registry.url, start, start + 1000, len(DATA),
+                   {"Authorization": "Bearer secret"}, rec)
+        assert bytes(rec.view) == DATA[start:start + 1000]
+        assert rec.digest() == "sha256:" + hashlib.sha256(DATA[start:start + 1000]).hexdigest()
+    assert registry.requests == 1 and cdn.requests == 3  # remembered after the first
+    assert "Authorization" in registry.heads[0]
+    assert all("Authorization" not in h for h in cdn.heads)
+    assert cdn.heads[0].startswith("GET /signed?x=1 HTTP/1.1")
+
+    loop = server(status(302, headers="Location: /again\r\n"))
+    with pytest.raises(ProtocolViolation, match="redirects"):
+        receive(getter(), loop.url, 0, 10)
+
+
+def test_a_remembered_target_that_fails_is_asked_for_again(server):
+    """A signed URL that expired (403 at the CDN): forgotten, the registry redirects anew."""
+    fresh = server(partial)
+    expired = server(lambda c, f, l, n: (partial if n == 1 else status(403))(c, f, l, n))
+    targets = iter([expired.port, fresh.port])
+    registry = server(lambda c, f, l, n: status(
+        307, headers=f"Location: http://127.0.0.1:{next(targets)}/blob\r\n")(c, f, l, n))
+    g = getter()
+    assert bytes(receive(g, registry.url, 0, 100).view) == DATA[:100]  # via `expired`, kept
+    assert bytes(receive(g, registry.url, 100, 200).view) == DATA[100:200]  # 403 -> again
+    assert registry.requests == 2 and expired.requests == 2 and fresh.requests == 1
+
+
+async def test_client_falls_back_to_httpx_for_an_auth_challenge(live_registry):
+    """A 401 on the data plane: httpx answers the challenge, and the range still arrives."""
+    from . import faults as F
+    reg = await live_registry(chunk_size=64 << 10)
+    source, imported = reg.add_model("locked", 256 << 10)
+    reg.faults.add("GET", "/blobs/", F.require_auth(
+        "Basic dTpw", 'Basic realm="test"'))
+    layer = imported.model
     pool = BufferPool()
     rec = Receiver(pool.take(1000))
-    async with RegistryClient(ClientConfig(read_timeout=5)) as client:
-        await client.fetch_range_into(srv.url, 2000, 3000, len(DATA), rec)
-    assert bytes(rec.view) == DATA[2000:3000]
-    assert rec.digest() == "sha256:" + hashlib.sha256(DATA[2000:3000]).hexdigest()
-    assert srv.requests == 3  # data plane, then httpx and its redirect
+    config = ClientConfig(read_timeout=5, username="u", password="p")
+    async with RegistryClient(config) as client:
+        url = client.blob_url(reg.name("locked"), layer.digest)
+        await client.fetch_range_into(url, 5000, 6000, layer.size, rec)
+    assert bytes(rec.view) == source.read_bytes()[5000:6000]
 
 
 async def test_cancelled_fetch_never_recycles_its_buffer(server):
