@@ -507,6 +507,27 @@ def _hypercorn_config(host: str, port: int) -> hypercorn.config.Config:
     return config
 
 
+_BLOB_NAME = re.compile(r"sha256-([0-9a-f]{64})")
+
+
+async def _warm_chunk_lists(models: ModelsDir, store: ChunksumStore, chunk_size: int) -> None:
+    """Compute (or load) the chunk list of every blob larger than a chunk, one at a time,
+    right after startup, so a client's first chunksums request does not wait for a whole-blob
+    hash (a request that comes first joins the same computation)."""
+    try:
+        paths = await trio.to_thread.run_sync(lambda: sorted((models.root / "blobs").iterdir()))
+    except OSError:
+        return
+    for path in paths:
+        m = _BLOB_NAME.fullmatch(path.name)
+        try:
+            if m is None or path.stat().st_size <= chunk_size:
+                continue
+            await store.chunks("sha256:" + m.group(1), path, chunk_size)
+        except Exception as exc:  # logged by the store; the next request tries again
+            error_log.info("chunk list of %s not prepared: %s", path.name, exc)
+
+
 def _port_of(bind: str) -> int:
     # hypercorn reports binds as "http://127.0.0.1:8000" or "http://[::1]:8000".
     return int(bind.rsplit(":", 1)[1])
@@ -520,8 +541,10 @@ async def serve(models_root: os.PathLike | str, *, host: str = "127.0.0.1", port
     models = ModelsDir(models_root)
     state = pathlib.Path(state_dir) if state_dir is not None else default_state_dir()
     _check_state_dir(state, models.root)
-    app = RegistryApp(models, ChunksumStore(state), chunk_size)
+    store = ChunksumStore(state)
+    app = RegistryApp(models, store, chunk_size)
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(functools.partial(
             hypercorn.trio.serve, app, _hypercorn_config(host, port), mode="asgi"))
         task_status.started(_port_of(binds[0]))
+        nursery.start_soon(_warm_chunk_lists, models, store, chunk_size)

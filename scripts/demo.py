@@ -130,8 +130,14 @@ def main() -> int:
         same = digest == sha256(source) and first == source.read_bytes()[:MiB]
         print(f"  identical to the source GGUF: {same}")
         cached = int(os.getxattr(model, "user.modelfs.cached"))
-        print(f"  cached: {cached:,} of {size:,} bytes; "
-              f"blob sealed in the cache: {(cache / 'blobs' / ('sha256-' + digest)).exists()}")
+        print(f"  cached: {cached:,} of {size:,} bytes")
+        # The whole-blob check waits until the readers pause, then runs at low priority.
+        sealed_path = cache / "blobs" / ("sha256-" + digest)
+        t0 = time.monotonic()
+        while not sealed_path.exists() and time.monotonic() - t0 < 10:
+            time.sleep(0.05)
+        print(f"  blob sealed in the cache (whole-file sha256 checked against the manifest): "
+              f"{sealed_path.exists()}, {time.monotonic() - t0:.1f}s after the last read")
         requests = sum(1 for line in open(work / "serve.log") if '"GET ' in line)
         print(f"  the server answered {requests} GET requests")
 

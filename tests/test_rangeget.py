@@ -24,13 +24,13 @@ class ScriptedServer:
     """Answers each request with `answer(conn, first, last, n)`, n counting requests from 1.
     Counts connections and requests; `close_after` closes each connection after one answer."""
 
-    def __init__(self, answer, close_after=False):
-        self.answer, self.close_after = answer, close_after
+    def __init__(self, answer, close_after=False, tls=None):
+        self.answer, self.close_after, self.tls = answer, close_after, tls
         self.connections = self.requests = 0
         self.heads: list[str] = []
         self._sock = socket.create_server(("127.0.0.1", 0))
         self.port = self._sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}{PATH}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}{PATH}"
         self._stop = False
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -44,6 +44,11 @@ class ScriptedServer:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn):
+        if self.tls is not None:
+            try:
+                conn = self.tls.wrap_socket(conn, server_side=True)
+            except OSError:
+                return
         with conn:
             buf = b""
             while True:
@@ -203,6 +208,56 @@ def test_an_abort_breaks_off_a_waiting_transfer(server):
     t = time.monotonic()
     with pytest.raises((Aborted, TemporaryError)):
         receive(getter(read_timeout=10), srv.url, 0, 10, abort=abort)
+    assert time.monotonic() - t < 2
+
+
+@pytest.fixture
+def tls_pair(tmp_path):
+    """A self-signed certificate for 127.0.0.1: the server's context and a client context
+    that trusts it (and nothing else)."""
+    import shutil
+    import ssl
+    import subprocess
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
+                    str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(cert, key)
+    client = ssl.create_default_context(cafile=str(cert))
+    return server, client
+
+
+def test_ranges_over_tls_are_verified_and_kept_alive(server, tls_pair):
+    """The public registry and its CDN speak HTTPS: the same exact ranges over TLS, the
+    connection reused; a certificate the client does not trust is refused."""
+    import ssl
+    srv = server(partial, tls=tls_pair[0])
+    g = getter(ssl_context=tls_pair[1])
+    for start, end in [(0, 700000), (700000, 1280000)]:
+        rec = receive(g, srv.url, start, end)
+        assert bytes(rec.view) == DATA[start:end]
+        assert rec.digest() == "sha256:" + hashlib.sha256(DATA[start:end]).hexdigest()
+    assert srv.requests == 2 and srv.connections == 1
+    g.close()
+    with pytest.raises(TemporaryError, match="cannot reach"):
+        receive(getter(ssl_context=ssl.create_default_context()), srv.url, 0, 10)
+
+
+def test_an_abort_breaks_off_a_tls_transfer(server, tls_pair):
+    def hang(conn, first, last, n):
+        conn.sendall(f"HTTP/1.1 206 X\r\nContent-Length: {last - first + 1}\r\nContent-Range: "
+                     f"bytes {first}-{last}/{len(DATA)}\r\n\r\n".encode() + DATA[:10])
+        time.sleep(5)
+    srv = server(hang, tls=tls_pair[0])
+    abort = Abort()
+    threading.Timer(0.3, abort.abort).start()
+    t = time.monotonic()
+    with pytest.raises(TemporaryError):
+        receive(getter(ssl_context=tls_pair[1], read_timeout=10), srv.url, 0, 1000,
+                abort=abort)
     assert time.monotonic() - t < 2
 
 

@@ -331,6 +331,20 @@ async def test_chunksums_computed_once_outside_models_dir(tree, blob, hash_calls
     assert len(hash_calls) == 1
 
 
+async def test_chunk_lists_are_prepared_at_startup(tree, blob, hash_calls):
+    """Right after it starts, serve computes the chunk list of every blob larger than a
+    chunk, so the first client does not wait for a whole-blob hash; small blobs are left."""
+    digest = tree.add_blob(blob)
+    tree.add_blob(os.urandom(CHUNK // 2))
+    async with running(tree):
+        with trio.fail_after(10):
+            while not (tree.state.exists() and list(tree.state.iterdir())):
+                await trio.sleep(0.02)
+        [state_file] = list(tree.state.iterdir())
+        assert state_file.name == f"sha256-{digest[7:]}.{CHUNK}.json"
+    assert len(hash_calls) == 1
+
+
 async def test_chunksums_single_flight(tree, blob, hash_calls):
     digest = tree.add_blob(blob)
     bodies = []
