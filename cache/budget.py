@@ -154,6 +154,8 @@ class DiskBudget:
                 blob = self._cache.unseal_for_eviction(digest)
                 if blob is None:
                     continue
+                if blob.sealing:
+                    continue
                 if not blob.has_chunk_digests and blob.complete:
                     # adopted whole, without the registry's chunk list: a hole would leave
                     # it unverifiable, so it goes whole (it is fetched again under the list)

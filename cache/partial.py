@@ -20,8 +20,12 @@ Concurrency contract (trio):
   disk one writer would take the room another's eviction just freed.
 - Chunk bytes come either as bytes (hashed here) or as a `Receiver` (cache/chunkbuf.py) that
   the fetcher filled in its thread while our hasher took each piece. A received chunk is
-  written from its page-aligned buffer with O_DIRECT, so the cache file's page cache is not
-  filled (reads of it come back whole through `load_chunk`, direct too).
+  readable as soon as it is verified (its reader is served from the buffer) and written behind
+  by `commit_chunk`, from its page-aligned buffer with O_DIRECT, so the cache file's page cache
+  is not filled and no reader waits for the disk; `read`, `load_chunk` (direct too) and the
+  sealer wait for a pending write, eviction skips it, and at most PENDING_LIMIT bytes per blob
+  wait to be written (a receiver beyond it waits). A failed write makes the chunk unreadable
+  again (it is fetched again when wanted).
 - The sealer hashes readable chunks strictly in file order under `_seal_lock`, from the chunk
   buffers kept for it (`_early`, at most EARLY_LIMIT bytes, each holding a buffer ref) or read
   back from disk when they were not kept. It is driven from `commit_chunk`, before the batched
@@ -54,6 +58,8 @@ log = logging.getLogger(__name__)
 # Bytes of chunks kept in memory for the sealer until it hashes them, per blob: enough for the
 # chunks that concurrent fetches finish ahead of the one it waits for.
 EARLY_LIMIT = 48 << 20
+# Bytes of received chunks verified but not yet written, per blob; a receiver waits beyond it.
+PENDING_LIMIT = 64 << 20
 
 
 def _sha256(data) -> str:
@@ -166,6 +172,13 @@ def _verify_and_feed(data, digest: str | None, hasher) -> str | None:
     return actual
 
 
+class _PendingWrite:
+    __slots__ = ("buf", "done", "started")
+
+    def __init__(self, buf: ChunkBuffer):
+        self.buf, self.done, self.started = buf, trio.Event(), False
+
+
 class PartialBlob:
     def __init__(self, *, digest: str, size: int, chunks: list[Chunk], present: list[bool],
                  path: pathlib.Path, final_path: pathlib.Path, index: ChunkIndex,
@@ -178,6 +191,11 @@ class PartialBlob:
         self.readable = list(present)  # verified and written (perhaps not durable yet)
         self._generation = [0] * len(chunks)  # GroupSync generation of each chunk's write
         self._early: dict[int, object] = {}  # chunks written ahead of the sealer, kept for it
+        # Received chunks verified and readable (from memory) whose write to the file is still
+        # to come (write behind: `commit_chunk` does it); file reads of them wait for it.
+        self._pending: dict[int, _PendingWrite] = {}
+        self._pending_bytes = 0
+        self._pending_changed = trio.Event()
         self._pool = pool or BufferPool()
         self._hash_thread = hash_thread  # a LowPriorityThread (lowprio.py) for the sealer, or None
         # Set by a mount: true while readers are being served. The sealer then waits (it
@@ -244,6 +262,7 @@ class PartialBlob:
         """Chunk `i` read back from the file into a buffer (the caller releases it). The
         caller has made sure it is readable and pinned."""
         chunk = self.chunks[i]
+        await self._written([i])
         buf = self._pool.take(chunk.length)
         try:
             await trio.to_thread.run_sync(_read_into, self._direct_fd, self._fd, buf.view,
@@ -284,11 +303,12 @@ class PartialBlob:
         await self.commit_chunk(i)
 
     async def write_chunk(self, i: int, data) -> bool:
-        """Verify chunk `i` and write it at its offset; from then on it may be read (it is
-        `readable`), though it is not durable or recorded yet (`commit_chunk`). `data` is the
-        chunk's bytes (hashed here in a thread; one that arrives in file order is fed to the
-        sealer in the same trip) or a filled `Receiver` (hashed by us as it arrived, written
-        with direct I/O, kept for the sealer). False if the chunk was there already."""
+        """Verify chunk `i`; from then on it may be read (it is `readable`), though it is not
+        durable or recorded yet (`commit_chunk`). `data` is the chunk's bytes (hashed here in
+        a thread, written before this returns; one that arrives in file order is fed to the
+        sealer in the same trip) or a filled `Receiver` (hashed by us as it arrived; written
+        behind, with direct I/O, by `commit_chunk`: the caller serves it from its buffer
+        meanwhile, and file reads of it wait for the write). False if it was there already."""
         chunk = self.chunks[i]
         received = isinstance(data, Receiver)
         got = data.filled if received else len(data)
@@ -317,6 +337,18 @@ class PartialBlob:
                 f"sha256 {actual[7:19]}... does not match its digest {chunk.digest[7:19]}...")
         if self.readable[i]:
             return False  # (checked all the same: the caller may serve what it fetched)
+        if received:
+            # Write behind: readable now (the caller serves it from its buffer), written to
+            # the file by `commit_chunk`, off the readers' path.
+            while self._pending and self._pending_bytes + chunk.length > PENDING_LIMIT:
+                await self._pending_changed.wait()
+            if self.readable[i]:
+                return False
+            self._pending[i] = _PendingWrite(self._pool.hold(data.buf))
+            self._pending_bytes += chunk.length
+            self.readable[i] = True
+            self._keep_for_sealer(i, data.buf)
+            return True
         try:
             await self._write(i, chunk, data)
         except BaseException:
@@ -325,20 +357,61 @@ class PartialBlob:
             raise
         self.readable[i] = True
         self._generation[i] = self._sync.wrote()
+        self._keep_for_sealer(i, data)
+        return True
+
+    def _paused(self) -> bool:
+        return not self._sealing and self.seal_paused is not None and self.seal_paused()
+
+    def _keep_for_sealer(self, i: int, data) -> None:
+        chunk = self.chunks[i]
+        if self._paused():
+            return  # it would hold them for as long as the readers keep it waiting
         if i >= self._hashed_upto and self._early_bytes + chunk.length <= EARLY_LIMIT and \
                 chunk.end - self.chunks[self._hashed_upto].start <= EARLY_LIMIT:
             # just ahead of the sealer (concurrent fetches finish out of order): keep the bytes
             # for it rather than read them back from disk a moment later. Not far ahead: a
             # reader elsewhere in the blob would pin them until the sealer got there.
-            self._keep_early(i, data.buf if received else data)
-        return True
+            self._keep_early(i, data)
 
+    async def _finish_write(self, i: int) -> None:
+        """Write chunk `i` to the file if it is still pending (or wait for whoever is).
+        A failed write makes it unreadable again: it is fetched again when wanted."""
+        pending = self._pending.get(i)
+        if pending is None:
+            return
+        if pending.started:
+            await pending.done.wait()
+            return
+        pending.started = True
+        try:
+            await self._write(i, self.chunks[i], pending.buf)
+            self._generation[i] = self._sync.wrote()
+        except BaseException:
+            self.readable[i] = False
+            raise
+        finally:
+            del self._pending[i]
+            self._pending_bytes -= self.chunks[i].length
+            pending.done.set()
+            self._pending_changed.set()
+            self._pending_changed = trio.Event()
+            self._pool.release(pending.buf)
+
+    async def _written(self, indexes) -> None:
+        """Wait until the chunks in `indexes` are in the file, not only readable from memory."""
+        for i in indexes:
+            pending = self._pending.get(i)
+            if pending is not None:
+                await self._finish_write(i)
     async def _write(self, i: int, chunk: Chunk, data) -> None:
-        if self._reserve is not None:
-            await self._reserve(chunk.length)
-        # One writer per file. Concurrent pwrites would only contend, and on a full disk a
-        # writer that is not alone takes the room that another one's eviction just freed.
+        # One writer per file, from the reservation to the end of the write: concurrent
+        # pwrites would only contend; the room a reservation finds free (--min-free reads
+        # statvfs) must not be taken by another write before this one lands; and on a full
+        # disk a writer that is not alone takes the room another one's eviction just freed.
         async with self._write_lock:
+            if self._reserve is not None:
+                await self._reserve(chunk.length)
             try:
                 await self._write_once(chunk, data)
             except OSError as exc:
@@ -359,10 +432,11 @@ class PartialBlob:
                             f"({again.strerror})") from again
 
     async def _write_once(self, chunk: Chunk, data) -> None:
-        if not isinstance(data, Receiver):
+        if not isinstance(data, (Receiver, ChunkBuffer)):  # bytes: through the page cache
             await trio.to_thread.run_sync(pwrite_all, self._fd, data, chunk.start,
                                           limiter=self._limiter)
             return
+        # a page-aligned chunk buffer: direct I/O
         if not await trio.to_thread.run_sync(_write_received, self._direct_fd, self._fd,
                                              data.view, chunk.start, limiter=self._limiter):
             # (not closed: a load_chunk thread may be using it; closed with the blob)
@@ -379,6 +453,7 @@ class PartialBlob:
         in the index (invariant 2: recorded only once durable)."""
         if self.present[i]:
             return
+        await self._finish_write(i)
         if not self._seal_lock.locked():
             # Catch the sealer up on the chunks written so far, from memory when it kept them.
             # Here, not in write_chunk: readers waiting for a chunk never wait for this; and
@@ -401,14 +476,16 @@ class PartialBlob:
             n = len(self.chunks)
             hasher = self._hasher
             while self._hashed_upto < n and self.readable[self._hashed_upto]:
-                if not self._sealing and self.seal_paused is not None and self.seal_paused():
+                if self._paused():
+                    self._clear_early()  # read back from disk when it catches up
                     return
                 j = self._hashed_upto
                 buf = self._pop_early(j)
                 if buf is None:
                     buf = await self.load_chunk(j)
                 try:
-                    if self._hash_thread is not None:
+                    if self._hash_thread is not None and self.has_chunk_digests:
+                        # (a blob without chunk digests has readers waiting for this hash)
                         await self._hash_thread.run(feed, hasher, buf)
                     else:
                         await trio.to_thread.run_sync(feed, hasher, buf, limiter=self._limiter)
@@ -420,7 +497,8 @@ class PartialBlob:
 
     async def read(self, offset: int, size: int) -> bytes:
         """Bytes [offset, offset+size) from the file. The caller has made sure every chunk
-        they touch is readable (verified and written, maybe not durable yet) and pinned."""
+        they touch is readable (verified, maybe not written or durable yet) and pinned."""
+        await self._written(self.chunk_range(offset, size))
         return await trio.to_thread.run_sync(pread_exact, self._fd, size, offset,
                                              limiter=self._limiter)
 
@@ -430,6 +508,11 @@ class PartialBlob:
         first = bisect.bisect_right(starts, offset) - 1
         last = bisect.bisect_right(starts, offset + size - 1) - 1
         return range(max(first, 0), last + 1)
+
+    @property
+    def sealing(self) -> bool:
+        """Being sealed right now (nothing of it may be evicted or dropped)."""
+        return self._sealing
 
     @property
     def complete(self) -> bool:
@@ -493,6 +576,7 @@ class PartialBlob:
             os.ftruncate(self._fd, self.size)
             self._dfd = _open_direct(self.path)
             self._direct = self._dfd >= 0
+            self._sync = GroupSync(self._fd, self._limiter, self._sync._interval)
         self._index.forget_sealed(self.digest)
         self.sealed = False
         self._restart_sealer()  # read again when it is complete again
@@ -501,8 +585,8 @@ class PartialBlob:
         """Give chunk `i`'s disk space back (punch a hole); it is fetched again when needed.
         The caller makes sure nobody is reading it. Returns the bytes freed."""
         chunk = self.chunks[i]
-        if self._sealing:
-            return 0  # being sealed right now: not a candidate
+        if self._sealing or i in self._pending:
+            return 0  # being sealed, or not in the file yet: not a candidate
         if self._seal_lock.locked() and not (chunk.digest is not None and i < self._hashed_upto):
             # the sealer may be reading it back right now; a chunk it has hashed already (and
             # that is checked on its own when it comes back) is fair game

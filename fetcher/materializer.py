@@ -63,8 +63,10 @@ log = logging.getLogger(__name__)
 # Layers up to this size (templates, params, licenses) are fetched whole on first read; larger
 # ones by the registry's chunks, so a read touches only the chunks under it.
 WHOLE_UP_TO = 1 << 20
-# The sealer waits while a blob has been read from in the last this many seconds.
+# The sealer waits while a blob has been read from in the last this many seconds (but a
+# complete blob is sealed after SEAL_PATIENCE seconds whatever its readers do).
 READERS_QUIET = 0.5
+SEAL_PATIENCE = 30.0
 
 
 def _slice(data, lo: int, hi: int):
@@ -100,6 +102,9 @@ class _BlobState:
     seal_error: BaseException | None = None
     open_handles: int = 0
     last_read: float = float("-inf")  # trio time of the last read (the sealer waits for a pause)
+    last_offset: int = 0  # where that read was (the background keeps near it)
+    deferred: set[int] = dataclasses.field(default_factory=set)  # background, too far ahead
+    pacing: bool = False  # a _pace task runs for `deferred`
     background: bool = False
     completed: trio.Event = dataclasses.field(default_factory=trio.Event)  # all committed
     sealed_starts: list[int] | None = None
@@ -113,7 +118,7 @@ def _mkey(blob: PartialBlob, i: int) -> tuple[str, int, int]:
 
 
 class MemoryCache:
-    """Recently fetched chunk bytes, least recently used out first, at most `limit` bytes.
+    """Recently fetched chunk bytes, oldest out first, at most `limit` bytes.
     Holds a ref on each chunk buffer (cache/chunkbuf.py) and gives it back when it drops one."""
 
     def __init__(self, limit: int, pool: BufferPool):
@@ -131,10 +136,10 @@ class MemoryCache:
             self._pool.release(data)
 
     def get(self, key):
-        data = self._items.get(key)
-        if data is not None:
-            self._items.move_to_end(key)
-        return data
+        # No refresh on use: first in, first out. Chunks are put just ahead of their readers;
+        # by the time one is read, the chunks after it are in too, and under LRU they, not yet
+        # read, would be the first to go.
+        return self._items.get(key)
 
     def put(self, key, data) -> None:
         if self._cost(data) > self.limit or key in self._items:
@@ -164,6 +169,8 @@ class Materializer:
         self._queue = FetchQueue()
         self.budget = ByteBudget(max_inflight)
         self._memory = MemoryCache(memory_cache, cache.pool)
+        # how far ahead of a busy reader background chunks are fetched (and kept in memory)
+        self._lead = max(memory_cache - 2 * chunk_size, chunk_size)
         self._loading: dict[tuple, trio.Event] = {}  # chunks being read back (_load)
         self._chunk_size = chunk_size
         self._quarantine_seconds = quarantine_seconds
@@ -225,7 +232,7 @@ class Materializer:
             return b""
         size = min(size, layer.size - offset)
         state = self._state(name, layer)
-        state.last_read = trio.current_time()
+        state.last_read, state.last_offset = trio.current_time(), offset
         while True:
             if state.quarantined_until > trio.current_time():
                 raise Quarantined(f"blob {layer.digest[:19]} failed its seal recently; "
@@ -434,14 +441,57 @@ class Materializer:
             state.flights[i] = _Flight()
         self._queue.push((state.layer.digest, i), priority, (state, i))
 
+    def _near_reader(self, state: _BlobState, i: int) -> bool:
+        """Whether chunk `i` is within the stretch just ahead of where this blob is being
+        read right now (its bytes are kept in memory for the reader)."""
+        start = state.partial.chunks[i].start if state.partial is not None else 0
+        return self._readers_active(state) and \
+            state.last_offset <= start < state.last_offset + self._lead
+
+    def _too_far_ahead(self, state: _BlobState, i: int) -> bool:
+        """A background chunk beyond that stretch while a reader is busy: fetched now, it
+        would go to disk and be read back from there a moment later. It waits instead."""
+        blob = state.partial
+        return blob is not None and self._readers_active(state) and \
+            blob.chunks[i].start >= state.last_offset + self._lead
+
     async def _worker(self) -> None:
         while True:
             job = await self._queue.get()
             state, i = job.payload
+            if job.priority == BACKGROUND and self._too_far_ahead(state, i):
+                self._queue.done(job)
+                state.deferred.add(i)
+                if not state.pacing:
+                    state.pacing = True
+                    self._nursery.start_soon(self._pace, state)
+                continue
             try:
                 await self._run(state, i, job)
             finally:
                 self._queue.done(job)
+
+    async def _pace(self, state: _BlobState) -> None:
+        """Queue the deferred background chunks again as the reader comes closer (or pauses);
+        drop them if the background was called off. One task per blob, a few times a second."""
+        try:
+            while state.deferred:
+                await trio.sleep(READERS_QUIET / 10)
+                for i in sorted(state.deferred):
+                    if state.background and self._too_far_ahead(state, i):
+                        break  # (and so are the ones after it)
+                    state.deferred.discard(i)
+                    blob = state.partial
+                    if blob is None or blob.readable[i]:
+                        continue
+                    if state.background:
+                        self._want(state, blob, i, BACKGROUND)
+                    elif self._queue.job((state.layer.digest, i)) is None:
+                        flight = state.flights.pop(i, None)  # nobody waits on it any more
+                        if flight is not None:
+                            flight.done.set()
+        finally:
+            state.pacing = False
 
     async def _run(self, state: _BlobState, i: int, job) -> None:
         """Fetch chunk `i`; keep its bytes in memory when a reader is about to want them
@@ -461,7 +511,8 @@ class Materializer:
                 if not blob.readable[i]:
                     self.fetches += 1
                     data = await fetch_chunk(self._client, blob, url, i)
-                    if job.priority <= WINDOW and state.partial is blob:
+                    if (job.priority <= WINDOW or self._near_reader(state, i)) and \
+                            state.partial is blob:
                         self._memory.put(_mkey(blob, i), data)
                     blob.release_buffer(data)
             finally:
@@ -518,10 +569,9 @@ class Materializer:
                 await self._wait_chunk(state, i)
             for i in range(len(blob.chunks)):  # durable and recorded (idempotent)
                 await blob.commit_chunk(i)
+            await self._seal_soon(state, blob).wait()  # pinned until sealed
         finally:
             self._budget.unpin(blob.digest)
-        done = self._seal_soon(state, blob)
-        await done.wait()
         if not blob.sealed:
             raise state.seal_error or BlobReset(f"blob {state.layer.digest[:19]} could not be sealed")
 
@@ -535,8 +585,10 @@ class Materializer:
     async def _seal(self, state: _BlobState, blob: PartialBlob, done: trio.Event) -> None:
         try:
             # The readers first (see _readers_active), unless they wait for this very seal (a
-            # blob without chunk digests is served only once sealed).
-            while blob.has_chunk_digests and self._readers_active(state):
+            # blob without chunk digests is served only once sealed), and not for ever.
+            patience = trio.current_time() + SEAL_PATIENCE
+            while blob.has_chunk_digests and self._readers_active(state) and \
+                    trio.current_time() < patience:
                 await trio.sleep(READERS_QUIET)
             await blob.seal()
             self._on_sealed(state.layer.digest)

@@ -172,6 +172,8 @@ class RangeGetter:
         if target is None:
             target, remembered = url, False
         for _ in range(MAX_REDIRECTS + 1):
+            if target != url and not self.usable(target):
+                raise NeedsFullClient(f"{target}: a redirect the full client must follow")
             send = headers if _origin(target) == _origin(url) else {}
             try:
                 self._get_one(target, start, end, blob_size, send, receiver, abort)
@@ -179,7 +181,9 @@ class RangeGetter:
                 receiver.reset()
                 target, remembered = redirect.location, False
                 continue
-            except (ProtocolViolation, NeedsFullClient, TemporaryError, RegistryError):
+            except Aborted:
+                raise
+            except (RegistryError, NeedsFullClient):
                 if not remembered:
                     raise
                 self._forget(url)  # an expired signed URL, say: ask the registry again

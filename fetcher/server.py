@@ -514,16 +514,24 @@ async def _warm_chunk_lists(models: ModelsDir, store: ChunksumStore, chunk_size:
     """Compute (or load) the chunk list of every blob larger than a chunk, one at a time,
     right after startup, so a client's first chunksums request does not wait for a whole-blob
     hash (a request that comes first joins the same computation)."""
+    def large_blobs() -> list[tuple[str, pathlib.Path]]:
+        found = []
+        for path in sorted((models.root / "blobs").iterdir()):
+            m = _BLOB_NAME.fullmatch(path.name)
+            try:
+                if m is not None and path.stat().st_size > chunk_size:
+                    found.append(("sha256:" + m.group(1), path))
+            except OSError:
+                continue
+        return found
+
     try:
-        paths = await trio.to_thread.run_sync(lambda: sorted((models.root / "blobs").iterdir()))
+        blobs = await trio.to_thread.run_sync(large_blobs)
     except OSError:
         return
-    for path in paths:
-        m = _BLOB_NAME.fullmatch(path.name)
+    for digest, path in blobs:
         try:
-            if m is None or path.stat().st_size <= chunk_size:
-                continue
-            await store.chunks("sha256:" + m.group(1), path, chunk_size)
+            await store.chunks(digest, path, chunk_size)
         except Exception as exc:  # logged by the store; the next request tries again
             error_log.info("chunk list of %s not prepared: %s", path.name, exc)
 

@@ -166,7 +166,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def unmount(mountpoint: pathlib.Path, *, lazy: bool = False, wait: float = 15.0) -> None:
+def unmount(mountpoint: pathlib.Path, *, lazy: bool = False, wait: float = 45.0) -> None:
     stale = is_stale(mountpoint)
     if not stale and mount_type(mountpoint) is None:
         raise MountError(f"{mountpoint} is not mounted")
@@ -211,11 +211,12 @@ async def _quietly(fn, *args) -> None:
         log.warning("%s failed: %s", getattr(fn, "__name__", fn), exc)
 
 
-async def _watch_signals(task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def _watch_signals(state: dict, task_status=trio.TASK_STATUS_IGNORED) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         task_status.started()
         async for signum in signals:
             log.info("got %s; unmounting", signal.Signals(signum).name)
+            state["signalled"] = True
             pyfuse3.terminate()
             return
 
@@ -273,7 +274,7 @@ async def _serve(opts, cache, client, nursery, ready, state) -> None:
                    read_timeout=opts.read_timeout, prefetch=opts.prefetch,
                    prefetch_config=config)
     nursery.start_soon(_flush_recency, cache)
-    await nursery.start(_watch_signals)
+    await nursery.start(_watch_signals, state)
     pyfuse3.init(ops, str(opts.mountpoint), fuse_options(opts))
     state["mounted"] = True
     if opts.readahead:
@@ -288,10 +289,12 @@ async def _serve(opts, cache, client, nursery, ready, state) -> None:
                 await cache.commit_pending()
             except Exception as exc:  # e.g. a full disk: those chunks are fetched again
                 log.warning("recording the last chunks at unmount failed: %s", exc)
-        with trio.move_on_after(20, shield=True) as scope:
-            await materializer.finish_seals()
-        if scope.cancelled_caught:
-            log.warning("unmounted before a seal finished; the next mount or pull seals it")
+        if not state.get("signalled"):
+            # (not on SIGTERM/SIGINT: the mount is still there, and would not answer meanwhile)
+            with trio.move_on_after(20, shield=True) as scope:
+                await materializer.finish_seals()
+            if scope.cancelled_caught:
+                log.warning("unmounted before a seal finished; the next mount or pull seals it")
     finally:
         nursery.cancel_scope.cancel()
         state["close"] = materializer.close  # once the nursery's threads are done

@@ -253,7 +253,14 @@ def _received(blob, i: int, data: bytes):
     return rec
 
 
-async def test_received_chunks_go_through_the_same_door(cache, tmp_path):
+async def test_received_chunks_go_through_the_same_door(cache, tmp_path, monkeypatch):
+    """Verified, readable at once, written behind (with direct I/O) by commit_chunk; file
+    reads of a chunk whose write is pending wait for it."""
+    from modelfs.cache import partial
+    direct = []
+    real = partial._write_received
+    monkeypatch.setattr(partial, "_write_received",
+                        lambda dfd, *a: direct.append(dfd >= 0) or real(dfd, *a))
     blob = cache.open_partial(d(BIG), len(BIG), BIG_CHUNKS)
     assert blob._dfd >= 0  # a disk filesystem: the direct path is the one under test
     for i in (3, 1, 0, 2):  # the unaligned tail first, out of order
@@ -261,7 +268,11 @@ async def test_received_chunks_go_through_the_same_door(cache, tmp_path):
         rec = _received(blob, i, BIG[c.start:c.end])
         assert await blob.write_chunk(i, rec)
         blob.release_buffer(rec.buf)
+        assert blob.readable[i] and not blob.present[i]
+        if i == 1:  # not in the file yet: a file read waits for (and does) the write
+            assert await blob.read(c.start, c.length) == BIG[c.start:c.end]
         await blob.commit_chunk(i)
+    assert direct == [True] * 4
     loaded = await blob.load_chunk(1)
     assert bytes(loaded.view) == BIG[65536:131072]
     blob.release_buffer(loaded)

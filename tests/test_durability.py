@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import signal
 import sqlite3
 import subprocess
@@ -241,7 +242,8 @@ def test_status_matches_disk_and_evict_is_refused_while_mounted(tmp_path):
 
 def test_disk_full_evicts_and_retries_then_fails_cleanly(tmp_path):
     """A cache on a 24 MiB filesystem, no cap: a 40 MiB model still reads (ENOSPC -> evict ->
-    retry); on a filesystem smaller than one chunk the read fails with EIO, nothing wrong kept."""
+    retry); on a filesystem smaller than one chunk nothing can be cached, yet the read gets the
+    verified bytes from memory, and nothing wrong is recorded."""
     source, server, m = _serve_and_mount(tmp_path, 40 << 20, "--prefetch", "sequential",
                                          chunk="1M")
     small = tmp_path / "small"
@@ -261,14 +263,18 @@ def test_disk_full_evicts_and_retries_then_fails_cleanly(tmp_path):
                 assert sha256_file(path) == sha256_file(source)
                 assert "evicted" in m.log()
             else:
+                # Nothing fits: the chunk cannot be cached, but it was verified in memory, so
+                # the reader still gets it (served from the fetch's buffer, written behind).
                 fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
                 try:
-                    with pytest.raises(OSError) as exc:
-                        os.pread(fd, 1 << 20, 0)
-                    assert exc.value.errno == 5  # EIO
+                    assert os.pread(fd, 1 << 20, 0) == source.read_bytes()[:1 << 20]
                 finally:
                     os.close(fd)
-                assert "no room on disk" in m.log()
+                full = re.compile(r"no room on disk|disk is full|No space left")
+                deadline = time.monotonic() + 10
+                while not full.search(m.log()) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert full.search(m.log())  # it told why nothing was cached
             m.unmount()
             check_recorded_chunks(m.cache, _model_digest(server))
             subprocess.run(["umount", "-l", str(small)], check=True)
