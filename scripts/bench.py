@@ -7,7 +7,8 @@ first. What it does:
    `modelfs import` as bench/blob:latest) in WORKDIR/models, exports the models dir with
    `modelfs serve --export` and serves the tree with nginx on 127.0.0.1 (nginx in the
    foreground as our child; config, logs and temp files in WORKDIR/nginx).
-2. Measures, `--runs` times each, dropping the page cache (`sync; echo 3 > drop_caches`) before
+2. Measures, `--runs` times each (each run takes the cases in a rotated order, so no case
+   always follows the same other one), dropping the page cache (`sync; echo 3 > drop_caches`) before
    every case so that every byte comes from the disk at least once:
      1  download-then-verify: `curl -s -o FILE URL && openssl dgst -sha256 FILE`
      2  `modelfs pull` into an empty cache
@@ -440,13 +441,18 @@ class Bench:
         self.prepare_workdir()
         self.make_model()
         self.start_nginx()
+        # Each run takes the cases in another order (rotated), so that no case always comes
+        # right after the same other one: a pull leaves 2 GiB just written behind it, and on a
+        # VM the host may still be busy with them when the next case starts.
+        cases = [self.case_download, self.case_pull, self.case_cold_and_warm,
+                 self.case_first_mib, self.case_local]
         for run in range(1, self.args.runs + 1):
-            log(f"run {run} of {self.args.runs}")
-            self.case_download(run)
-            self.case_pull(run)
-            self.case_cold_and_warm(run)
-            self.case_first_mib(run)
-            self.case_local(run)
+            k = (run - 1) % len(cases)
+            order = cases[k:] + cases[:k]
+            log(f"run {run} of {self.args.runs}: "
+                f"{', '.join(c.__name__.removeprefix('case_') for c in order)}")
+            for case in order:
+                case(run)
         self.report()
 
     def report(self) -> None:
