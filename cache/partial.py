@@ -60,6 +60,8 @@ log = logging.getLogger(__name__)
 EARLY_LIMIT = 48 << 20
 # Bytes of received chunks verified but not yet written, per blob; a receiver waits beyond it.
 PENDING_LIMIT = 64 << 20
+# A receiver waits for the sealer to come closer at most this long without it moving.
+SEALER_PATIENCE = 1.0
 
 
 def _sha256(data) -> str:
@@ -90,6 +92,11 @@ class GroupSync:
         self._written = self._synced = 0
         self._last = -interval
         self._running: trio.Event | None = None
+        self._hurry = trio.Event()
+
+    def hurry(self) -> None:
+        """No more writes are coming to batch with: sync what waits now, not at the interval."""
+        self._hurry.set()
 
     def wrote(self) -> int:
         self._written += 1
@@ -101,8 +108,9 @@ class GroupSync:
                 await self._running.wait()
                 continue
             wait = self._last + self._interval - trio.current_time()
-            if wait > 0:
-                await trio.sleep(wait)  # let more writes join this sync
+            if wait > 0 and not self._hurry.is_set():
+                with trio.move_on_after(wait):  # let more writes join this sync
+                    await self._hurry.wait()
                 continue
             target, self._running = self._written, trio.Event()
             try:
@@ -196,6 +204,7 @@ class PartialBlob:
         self._pending: dict[int, _PendingWrite] = {}
         self._pending_bytes = 0
         self._pending_changed = trio.Event()
+        self._sealer_stalled = False  # it did not move for a while: receivers go on without it
         self._pool = pool or BufferPool()
         self._hash_thread = hash_thread  # a LowPriorityThread (lowprio.py) for the sealer, or None
         # Set by a mount: true while readers are being served. The sealer then waits (it
@@ -274,6 +283,10 @@ class PartialBlob:
             raise
         return buf
 
+    def hurry(self) -> None:
+        """The last chunk of this run was written: make the waiting ones durable now."""
+        self._sync.hurry()
+
     def release_buffer(self, buf: ChunkBuffer) -> None:
         self._pool.release(buf)
 
@@ -340,8 +353,7 @@ class PartialBlob:
         if received:
             # Write behind: readable now (the caller serves it from its buffer), written to
             # the file by `commit_chunk`, off the readers' path.
-            while self._pending and self._pending_bytes + chunk.length > PENDING_LIMIT:
-                await self._pending_changed.wait()
+            await self._room_for(i)
             if self.readable[i]:
                 return False
             self._pending[i] = _PendingWrite(self._pool.hold(data.buf))
@@ -359,6 +371,35 @@ class PartialBlob:
         self._generation[i] = self._sync.wrote()
         self._keep_for_sealer(i, data)
         return True
+
+    async def _room_for(self, i: int) -> None:
+        """Wait while too many bytes wait to be written (the commit tasks write them), or
+        while chunk `i` is far ahead of a sealer that keeps going (it is given a push, and a
+        sealer that does not move for SEALER_PATIENCE is not waited for until it moves: it
+        may be waiting for chunks that nobody is about to fetch, as when a pull resumes)."""
+        length = self.chunks[i].length
+        pushed_at = -1
+        while True:
+            full = self._pending and self._pending_bytes + length > PENDING_LIMIT
+            far = not self._sealer_stalled and self._far_ahead_of_sealer(i)
+            if not (full or far):
+                return
+            if far and pushed_at != self._hashed_upto and not self._seal_lock.locked():
+                pushed_at = self._hashed_upto  # once per position: it may be stuck there
+                await self._advance_sealer()
+                continue
+            with trio.move_on_after(SEALER_PATIENCE) as scope:
+                await self._pending_changed.wait()
+            if scope.cancelled_caught and not full:
+                self._sealer_stalled = True
+
+    def _far_ahead_of_sealer(self, i: int) -> bool:
+        """Whether chunk `i` is further ahead of a running sealer than it keeps bytes for.
+        Where the seal is what everyone waits for (no `seal_paused`: a pull), a receiver waits
+        then, so the sealer hashes from memory instead of reading most chunks back from disk."""
+        if self.seal_paused is not None or self._hashed_upto >= len(self.chunks):
+            return False
+        return self.chunks[i].end - self.chunks[self._hashed_upto].start > EARLY_LIMIT
 
     def _paused(self) -> bool:
         return not self._sealing and self.seal_paused is not None and self.seal_paused()
@@ -494,6 +535,9 @@ class PartialBlob:
                 if self._hasher is not hasher:
                     return  # restarted meanwhile (a failed write): what we hashed is void
                 self._hashed_upto = j + 1
+                self._sealer_stalled = False
+                self._pending_changed.set()  # a receiver may wait for the sealer to come closer
+                self._pending_changed = trio.Event()
 
     async def read(self, offset: int, size: int) -> bytes:
         """Bytes [offset, offset+size) from the file. The caller has made sure every chunk

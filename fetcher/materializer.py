@@ -418,6 +418,8 @@ class Materializer:
 
     async def _url(self, state: _BlobState) -> str:
         """The URL to fetch chunks from; asks the registry (once) if we only had the index."""
+        if state.url is not None:
+            return state.url  # (no checkpoint: the next request leaves before readers wake)
         async with state.plan_lock:
             if state.url is None:
                 layer = state.layer

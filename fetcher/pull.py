@@ -125,12 +125,22 @@ async def _fetch_all(jobs: list[_Job], client: RegistryClient, concurrency: int,
                 result.fetched_chunks += 1
                 progress(length)
 
+    working = max(1, concurrency)
+
+    async def work_then_hurry(receive, nursery):
+        nonlocal working
+        await work(receive, nursery)
+        working -= 1
+        if working == 0:  # every chunk is fetched: make the last ones durable now
+            for blob in {id(job.blob): job.blob for job in jobs}.values():
+                blob.hurry()
+
     with first_error():
         async with trio.open_nursery() as nursery:
             nursery.start_soon(produce)
             async with receive:
-                for _ in range(max(1, concurrency)):
-                    nursery.start_soon(work, receive.clone(), nursery)
+                for _ in range(working):
+                    nursery.start_soon(work_then_hurry, receive.clone(), nursery)
 
 
 async def fetch_chunk(client: RegistryClient, blob: PartialBlob, url: str, index: int):

@@ -26,7 +26,10 @@ async def test_sequential_reader_finds_next_chunk_already_requested(live_registr
     n_chunks = -(-imported.model.size // CHUNK)
     assert n_chunks == 64
     reg.faults.delay = 0.02  # every range answer takes a while: the reader must not wait for all
-    m = await _mount(reg, tmp_path, "--prefetch", "sequential")
+    # Eight fetches may be in flight (the default is four): the reader here takes each chunk
+    # the moment it lands, so with four the next request races the reader's next read, and the
+    # recording server (in this process, under the suite's load) can see it a moment late.
+    m = await _mount(reg, tmp_path, "--prefetch", "sequential", "--max-fetches", "8")
     try:
         path = m.path / "seq:latest" / "model.gguf"
         fd = await trio.to_thread.run_sync(os.open, path, os.O_RDONLY | os.O_DIRECT)

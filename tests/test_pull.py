@@ -253,3 +253,27 @@ async def test_redirected_blobs_are_followed(live_registry, cache, client):
     await pull(reg.name("moved"), client, cache, chunk_size=64 << 10)
     assert sha256_file(cache.store.blob_path(d)) == d
     assert any("/cdn/" in s.path for s in reg.faults.seen)
+
+
+async def test_chunks_far_ahead_of_a_stuck_sealer_do_not_wait_for_ever(live_registry, cache,
+                                                                        client, monkeypatch):
+    """A pull keeps its chunks within reach of the sealer (which hashes them from memory):
+    while the first chunk is slow the others wait for it, without deadlock, and the pull
+    completes, fetches each chunk once and seals."""
+    from modelfs.cache import partial
+    reg = await live_registry(chunk_size=256 << 10)
+    source, imported = reg.add_model("slowstart", 4 * MiB)
+    monkeypatch.setattr(partial, "EARLY_LIMIT", 512 << 10)  # two chunks
+    monkeypatch.setattr(partial, "SEALER_PATIENCE", 0.3)
+
+    async def slow(faults, scope, receive, send):
+        await trio.sleep(1.5)
+        await faults.app(scope, receive, send)
+
+    first = f"bytes=0-{(256 << 10) - 1}"
+    reg.faults.add("GET", "/blobs/" + imported.model.digest, slow, range=first)
+    with trio.fail_after(20):
+        await pull(reg.name("slowstart"), client, cache, concurrency=4, chunk_size=1 * MiB)
+    assert sha256_file(cache.store.blob_path(imported.model.digest)) == sha256_file(source)
+    ranges = reg.faults.ranges("/blobs/" + imported.model.digest)
+    assert len(ranges) == 16 and len(set(ranges)) == 16  # each chunk once
