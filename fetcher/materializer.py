@@ -179,6 +179,10 @@ class Materializer:
         self._states: dict[str, _BlobState] = {}
         self.fetches = 0  # chunk fetches started (statistics)
         self.loads = 0  # chunks read back from the disk for readers (statistics)
+        # Called (as a task of the mount) with (blob digest, offset, chunk buffer) for each chunk
+        # kept for a reader; the buffer is held for the call (fs/ops.py pushes it into the
+        # kernel's page cache from a worker thread).
+        self.on_ready = None
         self._budget = cache.budget
         self._budget.on_unseal.append(self._unsealed)
         for _ in range(max(1, workers)):
@@ -516,6 +520,9 @@ class Materializer:
                     if (job.priority <= WINDOW or self._near_reader(state, i)) and \
                             state.partial is blob:
                         self._memory.put(_mkey(blob, i), data)
+                        if self.on_ready is not None:
+                            self._nursery.start_soon(self._publish, blob, i,
+                                                     self._cache.pool.hold(data))
                     blob.release_buffer(data)
             finally:
                 self.budget.release(length)
@@ -531,6 +538,14 @@ class Materializer:
             if state.flights.get(i) is flight:
                 del state.flights[i]
             flight.done.set()
+
+    async def _publish(self, blob: PartialBlob, i: int, buf: ChunkBuffer) -> None:
+        try:
+            await self.on_ready(blob.digest, blob.chunks[i].start, buf)
+        except Exception as exc:  # an optimisation: readers get the bytes anyway
+            log.debug("publishing chunk %d of %s failed: %s", i, blob.digest[:19], exc)
+        finally:
+            blob.release_buffer(buf)
 
     async def _commit(self, state: _BlobState, blob: PartialBlob, i: int) -> None:
         try:
