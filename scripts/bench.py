@@ -7,9 +7,10 @@ first. What it does:
    `modelfs import` as bench/blob:latest) in WORKDIR/models, exports the models dir with
    `modelfs serve --export` and serves the tree with nginx on 127.0.0.1 (nginx in the
    foreground as our child; config, logs and temp files in WORKDIR/nginx).
-2. Measures, `--runs` times each (each run takes the cases in a rotated order, so no case
-   always follows the same other one), dropping the page cache (`sync; echo 3 > drop_caches`) before
-   every case so that every byte comes from the disk at least once:
+2. Measures, `--runs` times each (each run takes the cases in a rotated order, every other
+   run reversed, so no case always follows the same other one), letting the disk settle
+   (`--settle`) and dropping the page cache (`sync; echo 3 > drop_caches`) before every case
+   so that every byte comes from the disk at least once:
      1  download-then-verify: `curl -s -o FILE URL && openssl dgst -sha256 FILE`
      2  `modelfs pull` into an empty cache
      3  cold sequential read through a fresh mount with an empty cache (`dd bs=1M`)
@@ -228,6 +229,9 @@ class Bench:
 
     def drop_caches(self) -> None:
         os.sync()
+        # Let the disk settle: writes the guest has handed over (a pull's 2 GiB, a deleted
+        # cache) may still keep the host busy, and would be charged to the next case.
+        time.sleep(self.args.settle)
         if self.args.no_drop_caches:
             return
         try:
@@ -441,14 +445,17 @@ class Bench:
         self.prepare_workdir()
         self.make_model()
         self.start_nginx()
-        # Each run takes the cases in another order (rotated), so that no case always comes
-        # right after the same other one: a pull leaves 2 GiB just written behind it, and on a
-        # VM the host may still be busy with them when the next case starts.
+        # Each run takes the cases in another order (rotated, and every other run reversed),
+        # so that no case always comes right after the same other one: a pull leaves 2 GiB
+        # just written behind it, and on a VM the host may still be busy with them when the
+        # next case starts (see also --settle).
         cases = [self.case_download, self.case_pull, self.case_cold_and_warm,
                  self.case_first_mib, self.case_local]
         for run in range(1, self.args.runs + 1):
             k = (run - 1) % len(cases)
             order = cases[k:] + cases[:k]
+            if run % 2 == 0:
+                order.reverse()
             log(f"run {run} of {self.args.runs}: "
                 f"{', '.join(c.__name__.removeprefix('case_') for c in order)}")
             for case in order:
@@ -597,6 +604,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chunk-size", default="8M", metavar="SIZE",
                    help="chunk size of the exported chunk lists (default 8M)")
     p.add_argument("--port", type=int, default=0, help="nginx port (default: a free one)")
+    p.add_argument("--settle", type=float, default=3.0, metavar="S",
+                   help="seconds to let the disk settle before each case (default 3)")
     p.add_argument("--seed", type=int, default=7, help=argparse.SUPPRESS)
     p.add_argument("--no-drop-caches", action="store_true",
                    help="do not drop the page cache (for non-root runs; cold cases are then warm)")
