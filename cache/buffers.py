@@ -4,21 +4,18 @@ unless something needs a contiguous object. Hashing and writing take the pieces 
 
 from __future__ import annotations
 
-import bisect
 import ctypes
 import os
 
+from .chunkbuf import ChunkBuffer
+
 
 class Pieces:
-    __slots__ = ("parts", "length", "_starts")
+    __slots__ = ("parts", "length")
 
     def __init__(self, parts):
         self.parts = [p for p in parts if len(p)]
-        self._starts, total = [], 0
-        for p in self.parts:
-            self._starts.append(total)
-            total += len(p)
-        self.length = total
+        self.length = sum(len(p) for p in self.parts)
 
     def __len__(self) -> int:
         return self.length
@@ -26,21 +23,11 @@ class Pieces:
     def __bytes__(self) -> bytes:
         return b"".join(self.parts)
 
-    def slice(self, lo: int, hi: int):
-        """Bytes [lo, hi) as a bytes-like object (no copy when one piece holds them)."""
-        k = bisect.bisect_right(self._starts, lo) - 1
-        base = self._starts[k]
-        if hi - base <= len(self.parts[k]):
-            return memoryview(self.parts[k])[lo - base:hi - base]
-        last = bisect.bisect_left(self._starts, hi) - 1
-        return b"".join(self.parts[k:last + 1])[lo - base:hi - base]
-
 
 def parts_of(data) -> list:
     if isinstance(data, Pieces):
         return data.parts
-    view = getattr(data, "view", None)  # a ChunkBuffer
-    return [data if view is None else view]
+    return [data.view if isinstance(data, ChunkBuffer) else data]
 
 
 def feed(hasher, data) -> None:

@@ -131,12 +131,18 @@ def _open_direct(path) -> int:
         return -1
 
 
+def _direct_part(dfd: int, n: int, offset: int) -> int:
+    """How many of `n` bytes at `offset` can go through O_DIRECT (whole pages from a page
+    boundary, when there is a direct fd); the rest goes through the page cache."""
+    return n - n % PAGE if dfd >= 0 and offset % PAGE == 0 else 0
+
+
 def _write_received(dfd: int, fd: int, view, offset: int) -> bool:
     """Write a received chunk: its page-aligned part with O_DIRECT from the aligned buffer (no
     copy into the page cache, whose fresh pages cost more than the copy on a VM), the rest
     through the page cache. False if direct I/O was refused (then all of it went buffered)."""
     n = len(view)
-    head = n - n % PAGE if dfd >= 0 and offset % PAGE == 0 else 0
+    head = _direct_part(dfd, n, offset)
     if head:
         try:
             pwrite_all(dfd, view[:head], offset)
@@ -154,7 +160,7 @@ def _read_into(dfd: int, fd: int, view, offset: int) -> None:
     """Fill `view` from the blob file at `offset`: the page-aligned part with O_DIRECT (the
     disk's DMA, no page-cache pages), the rest through the page cache."""
     n = len(view)
-    head = n - n % PAGE if dfd >= 0 and offset % PAGE == 0 else 0
+    head = _direct_part(dfd, n, offset)
     done = 0
     while done < n:
         use = dfd if done < head else fd
@@ -196,7 +202,7 @@ class PartialBlob:
         self.digest, self.size = digest, size
         self.chunks = check_coverage(chunks, size)
         self.present = present  # durable and recorded in the index
-        self.readable = list(present)  # verified and written (perhaps not durable yet)
+        self.readable = list(present)  # verified (perhaps not written or durable yet)
         self._generation = [0] * len(chunks)  # GroupSync generation of each chunk's write
         self._early: dict[int, object] = {}  # chunks written ahead of the sealer, kept for it
         # Received chunks verified and readable (from memory) whose write to the file is still
@@ -224,6 +230,7 @@ class PartialBlob:
         self._dfd = _open_direct(final_path if sealed else path)
         self._direct = self._dfd >= 0  # False once the filesystem refused a direct write
         self._old_fds: list[int] = []  # replaced, closed with the blob (threads may hold them)
+        self._sync_interval = sync_interval
         self._sync = GroupSync(self._fd, limiter, sync_interval)
         self._hasher = hashlib.sha256()
         self._hashed_upto = 0  # chunks [0, _hashed_upto) are in the sealer's hash
@@ -275,8 +282,7 @@ class PartialBlob:
         buf = self._pool.take(chunk.length)
         try:
             await trio.to_thread.run_sync(_read_into, self._direct_fd, self._fd, buf.view,
-                                          chunk.start,
-                                          limiter=self._limiter)
+                                          chunk.start, limiter=self._limiter)
         except BaseException:
             buf.abandon()  # (a cancelled thread may still be reading into it)
             self._pool.release(buf)
@@ -397,9 +403,13 @@ class PartialBlob:
         """Whether chunk `i` is further ahead of a running sealer than it keeps bytes for.
         Where the seal is what everyone waits for (no `seal_paused`: a pull), a receiver waits
         then, so the sealer hashes from memory instead of reading most chunks back from disk."""
-        if self.seal_paused is not None or self._hashed_upto >= len(self.chunks):
-            return False
-        return self.chunks[i].end - self.chunks[self._hashed_upto].start > EARLY_LIMIT
+        return self.seal_paused is None and not self._within_sealer_reach(i)
+
+    def _within_sealer_reach(self, i: int) -> bool:
+        """Whether chunk `i` ends within EARLY_LIMIT of the sealer's position."""
+        if self._hashed_upto >= len(self.chunks):
+            return True
+        return self.chunks[i].end - self.chunks[self._hashed_upto].start <= EARLY_LIMIT
 
     def _paused(self) -> bool:
         return not self._sealing and self.seal_paused is not None and self.seal_paused()
@@ -409,7 +419,7 @@ class PartialBlob:
         if self._paused():
             return  # it would hold them for as long as the readers keep it waiting
         if i >= self._hashed_upto and self._early_bytes + chunk.length <= EARLY_LIMIT and \
-                chunk.end - self.chunks[self._hashed_upto].start <= EARLY_LIMIT:
+                self._within_sealer_reach(i):
             # just ahead of the sealer (concurrent fetches finish out of order): keep the bytes
             # for it rather than read them back from disk a moment later. Not far ahead: a
             # reader elsewhere in the blob would pin them until the sealer got there.
@@ -429,22 +439,27 @@ class PartialBlob:
             await self._write(i, self.chunks[i], pending.buf)
             self._generation[i] = self._sync.wrote()
         except BaseException:
-            self.readable[i] = False
+            self.readable[i] = False  # fetched (and kept for the sealer) again when wanted
+            self._done_with(self._pop_early(i))
             raise
         finally:
             del self._pending[i]
             self._pending_bytes -= self.chunks[i].length
             pending.done.set()
-            self._pending_changed.set()
-            self._pending_changed = trio.Event()
+            self._wake_receivers()
             self._pool.release(pending.buf)
+
+    def _wake_receivers(self) -> None:
+        """A pending write finished or the sealer moved: receivers waiting in _room_for look
+        again."""
+        self._pending_changed.set()
+        self._pending_changed = trio.Event()
 
     async def _written(self, indexes) -> None:
         """Wait until the chunks in `indexes` are in the file, not only readable from memory."""
         for i in indexes:
-            pending = self._pending.get(i)
-            if pending is not None:
-                await self._finish_write(i)
+            await self._finish_write(i)
+
     async def _write(self, i: int, chunk: Chunk, data) -> None:
         # One writer per file, from the reservation to the end of the write: concurrent
         # pwrites would only contend; the room a reservation finds free (--min-free reads
@@ -536,8 +551,7 @@ class PartialBlob:
                     return  # restarted meanwhile (a failed write): what we hashed is void
                 self._hashed_upto = j + 1
                 self._sealer_stalled = False
-                self._pending_changed.set()  # a receiver may wait for the sealer to come closer
-                self._pending_changed = trio.Event()
+                self._wake_receivers()  # one may wait for the sealer to come closer
 
     async def read(self, offset: int, size: int) -> bytes:
         """Bytes [offset, offset+size) from the file. The caller has made sure every chunk
@@ -620,7 +634,7 @@ class PartialBlob:
             os.ftruncate(self._fd, self.size)
             self._dfd = _open_direct(self.path)
             self._direct = self._dfd >= 0
-            self._sync = GroupSync(self._fd, self._limiter, self._sync._interval)
+            self._sync = GroupSync(self._fd, self._limiter, self._sync_interval)
         self._index.forget_sealed(self.digest)
         self.sealed = False
         self._restart_sealer()  # read again when it is complete again

@@ -46,7 +46,6 @@ from typing import Callable
 import trio
 
 from modelfs.cache.blobcache import BlobCache
-from modelfs.cache.buffers import Pieces
 from modelfs.cache.chunkbuf import BufferPool, ChunkBuffer
 from modelfs.cache.chunks import DEFAULT_CHUNK_SIZE
 from modelfs.cache.errors import CacheFull, ModelfsError, SealMismatch
@@ -67,11 +66,6 @@ WHOLE_UP_TO = 1 << 20
 # complete blob is sealed after SEAL_PATIENCE seconds whatever its readers do).
 READERS_QUIET = 0.5
 SEAL_PATIENCE = 30.0
-
-
-def _slice(data, lo: int, hi: int):
-    return data.slice(lo, hi) if isinstance(data, (Pieces, ChunkBuffer)) else \
-        memoryview(data)[lo:hi]
 
 
 class Quarantined(ModelfsError):
@@ -118,22 +112,17 @@ def _mkey(blob: PartialBlob, i: int) -> tuple[str, int, int]:
 
 
 class MemoryCache:
-    """Recently fetched chunk bytes, oldest out first, at most `limit` bytes.
-    Holds a ref on each chunk buffer (cache/chunkbuf.py) and gives it back when it drops one."""
+    """Recently fetched chunk buffers, oldest out first, at most `limit` bytes of them.
+    Holds a ref on each (cache/chunkbuf.py) and gives it back when it drops one."""
 
     def __init__(self, limit: int, pool: BufferPool):
         self.limit, self.size = limit, 0
         self._pool = pool
-        self._items: collections.OrderedDict = collections.OrderedDict()
+        self._items: collections.OrderedDict[tuple, ChunkBuffer] = collections.OrderedDict()
 
-    @staticmethod
-    def _cost(data) -> int:
-        return data.capacity if isinstance(data, ChunkBuffer) else len(data)
-
-    def _let_go(self, data) -> None:
-        self.size -= self._cost(data)
-        if isinstance(data, ChunkBuffer):
-            self._pool.release(data)
+    def _let_go(self, buf: ChunkBuffer) -> None:
+        self.size -= buf.capacity
+        self._pool.release(buf)
 
     def get(self, key):
         # No refresh on use: first in, first out. Chunks are put just ahead of their readers;
@@ -141,13 +130,11 @@ class MemoryCache:
         # read, would be the first to go.
         return self._items.get(key)
 
-    def put(self, key, data) -> None:
-        if self._cost(data) > self.limit or key in self._items:
+    def put(self, key, buf: ChunkBuffer) -> None:
+        if buf.capacity > self.limit or key in self._items:
             return
-        if isinstance(data, ChunkBuffer):
-            self._pool.hold(data)
-        self._items[key] = data
-        self.size += self._cost(data)
+        self._items[key] = self._pool.hold(buf)
+        self.size += buf.capacity
         while self.size > self.limit:
             self._let_go(self._items.popitem(last=False)[1])
 
@@ -303,7 +290,7 @@ class Materializer:
                 # read back whole, once (direct I/O), and kept (see _load).
                 data = await self._load(state, blob, i)
             if data is not None:
-                piece = _slice(data, lo - chunk.start, hi - chunk.start)
+                piece = data.slice(lo - chunk.start, hi - chunk.start)
                 # A slice of a chunk buffer is valid while somebody holds the buffer: returned
                 # at once it is (no await until the FUSE reply is sent); kept across the awaits
                 # of the next chunk it is copied (cache/chunkbuf.py, ownership contract).
@@ -447,19 +434,24 @@ class Materializer:
             state.flights[i] = _Flight()
         self._queue.push((state.layer.digest, i), priority, (state, i))
 
+    def _ahead_of_reader(self, state: _BlobState, i: int) -> int | None:
+        """How far chunk `i` starts ahead of where its blob is being read right now; None
+        when no reader is busy with it."""
+        blob = state.partial
+        if blob is None or not self._readers_active(state):
+            return None
+        return blob.chunks[i].start - state.last_offset
+
     def _near_reader(self, state: _BlobState, i: int) -> bool:
-        """Whether chunk `i` is within the stretch just ahead of where this blob is being
-        read right now (its bytes are kept in memory for the reader)."""
-        start = state.partial.chunks[i].start if state.partial is not None else 0
-        return self._readers_active(state) and \
-            state.last_offset <= start < state.last_offset + self._lead
+        """Within the stretch just ahead of a busy reader (its bytes are kept for it)."""
+        ahead = self._ahead_of_reader(state, i)
+        return ahead is not None and 0 <= ahead < self._lead
 
     def _too_far_ahead(self, state: _BlobState, i: int) -> bool:
         """A background chunk beyond that stretch while a reader is busy: fetched now, it
         would go to disk and be read back from there a moment later. It waits instead."""
-        blob = state.partial
-        return blob is not None and self._readers_active(state) and \
-            blob.chunks[i].start >= state.last_offset + self._lead
+        ahead = self._ahead_of_reader(state, i)
+        return ahead is not None and ahead >= self._lead
 
     async def _worker(self) -> None:
         while True:
@@ -528,7 +520,7 @@ class Materializer:
                 self.budget.release(length)
             if state.flights.get(i) is flight:
                 del state.flights[i]
-            flight.done.set()  # verified and written: readers may go on
+            flight.done.set()  # verified (written behind): readers may go on
             # durable in batches, without holding up this worker
             self._nursery.start_soon(self._commit, state, blob, i)
         except Exception as exc:  # handed to the readers waiting on this flight

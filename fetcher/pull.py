@@ -113,23 +113,20 @@ async def _fetch_all(jobs: list[_Job], client: RegistryClient, concurrency: int,
             for job in jobs:
                 await send.send(job)
 
+    working = max(1, concurrency)
+
     async def work(receive, nursery):
+        nonlocal working
         async with receive:
             async for job in receive:
                 buf = await fetch_chunk(client, job.blob, job.plan.url, job.index)
                 job.blob.release_buffer(buf)
-                # made durable in batches while this worker fetches the next chunk
+                # written and made durable in batches while this worker fetches the next chunk
                 nursery.start_soon(job.blob.commit_chunk, job.index)
                 length = job.blob.chunks[job.index].length
                 result.fetched_bytes += length
                 result.fetched_chunks += 1
                 progress(length)
-
-    working = max(1, concurrency)
-
-    async def work_then_hurry(receive, nursery):
-        nonlocal working
-        await work(receive, nursery)
         working -= 1
         if working == 0:  # every chunk is fetched: make the last ones durable now
             for blob in {id(job.blob): job.blob for job in jobs}.values():
@@ -140,13 +137,13 @@ async def _fetch_all(jobs: list[_Job], client: RegistryClient, concurrency: int,
             nursery.start_soon(produce)
             async with receive:
                 for _ in range(working):
-                    nursery.start_soon(work_then_hurry, receive.clone(), nursery)
+                    nursery.start_soon(work, receive.clone(), nursery)
 
 
 async def fetch_chunk(client: RegistryClient, blob: PartialBlob, url: str, index: int):
     """Fetch chunk `index` into a buffer of the cache and put it through the cache's verifying
-    door, with retries. The chunk is verified and written; the caller makes it durable
-    (`blob.commit_chunk`), so readers can be answered before the fdatasync. Returns the
+    door, with retries. The chunk is verified; the caller has it written and made durable
+    (`blob.commit_chunk`), so readers can be answered before either. Returns the
     buffer holding its bytes, with a ref the caller gives back (`blob.release_buffer`)."""
     chunk = blob.chunks[index]
 

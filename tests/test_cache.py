@@ -298,3 +298,27 @@ async def test_a_bad_received_chunk_is_never_written(cache):
         assert f.read(c.length) == bytes(c.length)  # still a hole
     for rec in (rec, short):
         blob.release_buffer(rec.buf)
+
+
+async def test_a_receiver_does_not_wait_for_ever_for_a_sealer_that_cannot_move(cache,
+                                                                             monkeypatch):
+    """Where the seal is awaited (no seal_paused), a chunk far ahead of the sealer waits for it
+    to come closer; but the sealer waits for chunk 0, which nobody fetches (a resumed pull):
+    after SEALER_PATIENCE the receiver goes on, and so do the ones after it."""
+    from modelfs.cache import partial
+    monkeypatch.setattr(partial, "EARLY_LIMIT", 2 * 65536)
+    monkeypatch.setattr(partial, "SEALER_PATIENCE", 0.2)
+    blob = cache.open_partial(d(BIG), len(BIG), BIG_CHUNKS)
+    c = BIG_CHUNKS[3]
+    rec = _received(blob, 3, BIG[c.start:c.end])
+    t = trio.current_time()
+    with trio.fail_after(5):
+        assert await blob.write_chunk(3, rec)
+    assert 0.2 <= trio.current_time() - t  # it did wait for the sealer first
+    c = BIG_CHUNKS[2]
+    rec2 = _received(blob, 2, BIG[c.start:c.end])
+    with trio.fail_after(0.15):  # the sealer is known not to move: no second wait
+        assert await blob.write_chunk(2, rec2)
+    for r, i in ((rec, 3), (rec2, 2)):
+        blob.release_buffer(r.buf)
+        await blob.commit_chunk(i)
