@@ -184,6 +184,9 @@ def unmount(mountpoint: pathlib.Path, *, lazy: bool = False, wait: float = 45.0)
 # -- the mount itself -------------------------------------------------------------------------
 
 def fuse_options(opts: MountOptions) -> set[str]:
+    """libfuse's defaults plus our names and read-only. Deliberately no `max_read`: READs
+    already come at the kernel's ceiling of 1 MiB. The readahead window (tune_readahead) is
+    what makes large sequential reads fast; max_background keeps the kernel's 12 (README)."""
     options = set(pyfuse3.default_options)
     options |= {"fsname=modelfs", "subtype=modelfs", "ro"}
     if opts.allow_other:

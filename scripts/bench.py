@@ -134,6 +134,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def cpu_seconds() -> float:
+    """Busy CPU time of the whole machine so far (all CPUs; /proc/stat less idle and iowait)."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
 def proc_status(pid: int) -> dict[str, int]:
     """VmHWM/VmRSS of a process in KiB (empty if it is gone)."""
     out = {}
@@ -173,6 +180,7 @@ class Row:
     name: str
     seconds: float
     bytes: int
+    cpu: float  # busy CPU seconds of the whole machine (a diagnostic, not a target)
 
     @property
     def mb_s(self) -> float:
@@ -208,6 +216,7 @@ class Bench:
         self.blob_size = 0
         self.blob_path: pathlib.Path | None = None
         self.drop_ok = True
+        self.cpu_mark = 0.0
 
     @staticmethod
     def _modelfs_cmd() -> list[str]:
@@ -232,14 +241,14 @@ class Bench:
         # Let the disk settle: writes the guest has handed over (a pull's 2 GiB, a deleted
         # cache) may still keep the host busy, and would be charged to the next case.
         time.sleep(self.args.settle)
-        if self.args.no_drop_caches:
-            return
-        try:
-            with open("/proc/sys/vm/drop_caches", "w") as f:
-                f.write("3\n")
-        except OSError as exc:
-            raise BenchError(f"cannot drop the page cache ({exc.strerror}): run as root, or "
-                             "pass --no-drop-caches (then the cold cases are not cold)") from None
+        if not self.args.no_drop_caches:
+            try:
+                with open("/proc/sys/vm/drop_caches", "w") as f:
+                    f.write("3\n")
+            except OSError as exc:
+                raise BenchError(f"cannot drop the page cache ({exc.strerror}): run as root, or "
+                                 "pass --no-drop-caches (then the cold cases are not cold)") from None
+        self.cpu_mark = cpu_seconds()
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -349,9 +358,10 @@ class Bench:
     # -- the cases -----------------------------------------------------------------------------
 
     def record(self, run: int, case: int, seconds: float, nbytes: int) -> None:
-        row = Row(run, case, CASES[case], seconds, nbytes)
+        row = Row(run, case, CASES[case], seconds, nbytes, cpu_seconds() - self.cpu_mark)
         self.rows.append(row)
-        log(f"  run {run} case {case} {row.name}: {seconds:.3f}s, {row.mb_s:.1f} MB/s")
+        log(f"  run {run} case {case} {row.name}: {seconds:.3f}s, {row.mb_s:.1f} MB/s, "
+            f"{row.cpu:.1f} CPU s (whole machine, since the cache drop)")
 
     def dd(self, path: pathlib.Path, count: int | None = None) -> tuple[float, int]:
         cmd = [self.dd_bin, f"if={path}", "of=/dev/null", "bs=1M"]
@@ -451,6 +461,7 @@ class Bench:
         # next case starts (see also --settle).
         cases = [self.case_download, self.case_pull, self.case_cold_and_warm,
                  self.case_first_mib, self.case_local]
+        cases = [c for c in cases if CASE_GROUPS[c.__name__] & self.args.cases]
         for run in range(1, self.args.runs + 1):
             k = (run - 1) % len(cases)
             order = cases[k:] + cases[:k]
@@ -476,27 +487,34 @@ class Bench:
         if a.no_drop_caches:
             print("  WARNING: page cache NOT dropped (--no-drop-caches): cold cases are warm")
         print()
-        print(f"  {'case':<44} {'seconds':>9} {'MB/s':>9}   runs (s)")
+        print(f"  {'case':<44} {'seconds':>9} {'MB/s':>9} {'CPU s':>6}   runs (s)")
         for c, rows in by_case.items():
+            if not rows:
+                continue
             mb_s = rows[0].bytes / 1e6 / med[c] if med[c] > 0 else float("inf")
             runs = " ".join(f"{r.seconds:.3f}" for r in rows)
-            print(f"  {c} {CASES[c]:<42} {med[c]:>9.3f} {mb_s:>9.1f}   {runs}")
-        hwm = median([r.vm_hwm_kib for r in self.rss]) / 1024
-        sampled = max(r.max_vm_rss_kib for r in self.rss) / 1024
-        print(f"  7 {'peak RSS of the mount daemon in case 3':<42} {hwm:>9.1f} MiB"
-              f"   (VmHWM; largest sampled VmRSS {sampled:.1f} MiB)")
+            cpu = median([r.cpu for r in rows])
+            print(f"  {c} {CASES[c]:<42} {med[c]:>9.3f} {mb_s:>9.1f} {cpu:>6.1f}   {runs}")
+        hwm = median([r.vm_hwm_kib for r in self.rss]) / 1024 if self.rss else None
+        if hwm is not None:
+            sampled = max(r.max_vm_rss_kib for r in self.rss) / 1024
+            print(f"  7 {'peak RSS of the mount daemon in case 3':<42} {hwm:>9.1f} MiB"
+                  f"   (VmHWM; largest sampled VmRSS {sampled:.1f} MiB)")
         print()
         print(f"  {'ratio':<14} {'value':>9} {'target':>10}")
         ratios = {}
         for name, num, den, target, how in RATIOS:
+            if num not in med or den not in med:
+                continue
             value = med[num] / med[den] if med[den] > 0 else float("inf")
             ratios[name] = value
             shown = f"{value * 100:.2f} %" if how == "%" else f"{value:.2f}"
             goal = f"<= {target * 100:g} %" if how == "%" else f"<= {target:.1f}"
             print(f"  {name:<14} {shown:>9} {goal:>10}   {'ok' if value <= target else 'MISS'}")
-        goal = f"<= {RSS_TARGET_MIB}"
-        print(f"  {'peak RSS MiB':<14} {hwm:>9.1f} {goal:>10}   "
-              f"{'ok' if hwm <= RSS_TARGET_MIB else 'MISS'}")
+        if hwm is not None:
+            goal = f"<= {RSS_TARGET_MIB}"
+            print(f"  {'peak RSS MiB':<14} {hwm:>9.1f} {goal:>10}   "
+                  f"{'ok' if hwm <= RSS_TARGET_MIB else 'MISS'}")
         if a.json:
             doc = {
                 "model": MODEL, "digest": self.digest, "blob_bytes": self.blob_size,
@@ -584,6 +602,21 @@ def _stop_pid(pid: int, grace: float) -> None:
             time.sleep(0.05)
 
 
+# which of the numbered cases each case method measures
+CASE_GROUPS = {"case_download": {1}, "case_pull": {2}, "case_cold_and_warm": {3, 5, 7},
+               "case_first_mib": {4}, "case_local": {6}}
+
+
+def _case_list(text: str) -> set[int]:
+    try:
+        cases = {int(part) for part in text.split(",") if part.strip()}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of case numbers: {text!r}") from None
+    if not cases or not cases <= set(CASES) | {7}:
+        raise argparse.ArgumentTypeError(f"cases are numbered 1 to 7, not {text!r}")
+    return cases
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="scripts/bench", description="Benchmark modelfs (pull, cold/warm mount reads, "
@@ -606,6 +639,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=0, help="nginx port (default: a free one)")
     p.add_argument("--settle", type=float, default=3.0, metavar="S",
                    help="seconds to let the disk settle before each case (default 3)")
+    p.add_argument("--cases", type=_case_list, default=set(CASES), metavar="N,N",
+                   help="run only these cases, e.g. 1,3 (3, 5 and 7 always run together; "
+                   "default all)")
     p.add_argument("--seed", type=int, default=7, help=argparse.SUPPRESS)
     p.add_argument("--no-drop-caches", action="store_true",
                    help="do not drop the page cache (for non-root runs; cold cases are then warm)")
