@@ -46,8 +46,9 @@ import pathlib
 import trio
 
 from .buffers import feed, punch_hole, pwrite_all
-from .chunkbuf import PAGE, BufferPool, ChunkBuffer, Receiver
+from .chunkbuf import BufferPool, ChunkBuffer, Receiver
 from .chunks import Chunk, check_coverage
+from .directio import open_direct, read_into, write_received
 from .digests import digest_hex
 from .errors import CacheFull, ChunkDigestMismatch, SealMismatch
 from .index import ChunkIndex
@@ -122,61 +123,6 @@ class GroupSync:
                 self._running = None
 
 
-def _open_direct(path) -> int:
-    """An O_DIRECT descriptor of the blob file for received chunks, or -1 where the filesystem
-    has no direct I/O (tmpfs)."""
-    try:
-        return os.open(path, os.O_RDWR | os.O_DIRECT)
-    except (OSError, AttributeError):
-        return -1
-
-
-def _direct_part(dfd: int, n: int, offset: int) -> int:
-    """How many of `n` bytes at `offset` can go through O_DIRECT (whole pages from a page
-    boundary, when there is a direct fd); the rest goes through the page cache."""
-    return n - n % PAGE if dfd >= 0 and offset % PAGE == 0 else 0
-
-
-def _write_received(dfd: int, fd: int, view, offset: int) -> bool:
-    """Write a received chunk: its page-aligned part with O_DIRECT from the aligned buffer (no
-    copy into the page cache, whose fresh pages cost more than the copy on a VM), the rest
-    through the page cache. False if direct I/O was refused (then all of it went buffered)."""
-    n = len(view)
-    head = _direct_part(dfd, n, offset)
-    if head:
-        try:
-            pwrite_all(dfd, view[:head], offset)
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:
-                raise
-            pwrite_all(fd, view, offset)
-            return False
-    if head < n:
-        pwrite_all(fd, view[head:], offset + head)
-    return True
-
-
-def _read_into(dfd: int, fd: int, view, offset: int) -> None:
-    """Fill `view` from the blob file at `offset`: the page-aligned part with O_DIRECT (the
-    disk's DMA, no page-cache pages), the rest through the page cache."""
-    n = len(view)
-    head = _direct_part(dfd, n, offset)
-    done = 0
-    while done < n:
-        use = dfd if done < head else fd
-        want = (head if done < head else n) - done
-        try:
-            got = os.preadv(use, [view[done:done + want]], offset + done)
-        except OSError as exc:
-            if use != dfd or exc.errno != errno.EINVAL:
-                raise
-            head = 0  # direct I/O refused: the rest through the page cache
-            continue
-        if got <= 0:
-            raise EOFError(f"unexpected end of cache file at offset {offset + done}")
-        done += got
-
-
 def _verify_and_feed(data, digest: str | None, hasher) -> str | None:
     """sha256 of a chunk (when it has a digest) and, if it matches, the same bytes into the
     whole-blob hasher: one thread trip, the bytes hot in the CPU cache for both."""
@@ -227,7 +173,7 @@ class PartialBlob:
             os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         if os.fstat(self._fd).st_size != size:
             os.ftruncate(self._fd, size)
-        self._dfd = _open_direct(final_path if sealed else path)
+        self._dfd = open_direct(final_path if sealed else path)
         self._direct = self._dfd >= 0  # False once the filesystem refused a direct write
         self._old_fds: list[int] = []  # replaced, closed with the blob (threads may hold them)
         self._sync_interval = sync_interval
@@ -281,7 +227,7 @@ class PartialBlob:
         await self._written([i])
         buf = self._pool.take(chunk.length)
         try:
-            await trio.to_thread.run_sync(_read_into, self._direct_fd, self._fd, buf.view,
+            await trio.to_thread.run_sync(read_into, self._direct_fd, self._fd, buf.view,
                                           chunk.start, limiter=self._limiter)
         except BaseException:
             buf.abandon()  # (a cancelled thread may still be reading into it)
@@ -493,7 +439,7 @@ class PartialBlob:
                                           limiter=self._limiter)
             return
         # a page-aligned chunk buffer: direct I/O
-        if not await trio.to_thread.run_sync(_write_received, self._direct_fd, self._fd,
+        if not await trio.to_thread.run_sync(write_received, self._direct_fd, self._fd,
                                              data.view, chunk.start, limiter=self._limiter):
             # (not closed: a load_chunk thread may be using it; closed with the blob)
             log.info("direct I/O refused on %s; writing through the page cache", self.path)
@@ -632,7 +578,7 @@ class PartialBlob:
             self._old_fds += [self._fd, self._dfd]  # threads may still hold them
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             os.ftruncate(self._fd, self.size)
-            self._dfd = _open_direct(self.path)
+            self._dfd = open_direct(self.path)
             self._direct = self._dfd >= 0
             self._sync = GroupSync(self._fd, self._limiter, self._sync_interval)
         self._index.forget_sealed(self.digest)

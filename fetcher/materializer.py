@@ -32,6 +32,13 @@ Concurrency contract (trio thread only; file I/O goes through the cache's thread
   thread, and at unmount a seal in progress is given time to finish.
 - Blobs the registry gives no chunk digests for are fetched whole and sealed before any byte
   is served.
+- Sealed blobs are read with direct I/O (cache/sealedfile.py), never through the cache file's
+  page cache: the mount's own page cache holds the bytes once. A reader in sequence gets
+  slices of SEALED_STRETCH stretches kept in the memory cache; tasks of the mount's nursery
+  load the next ones (up to SEALED_LEAD ahead, one load per stretch via `_loading`) and push
+  them into the kernel's page cache. A read, and each task, pins the blob: it is not unsealed
+  (its file closed) under them. Measured on a 2 GiB warm read: 3.4–3.9 s before, 1.6–1.8 s
+  after (`scripts/bench --cases 3`), with 1.8 instead of 4.5 CPU seconds.
 """
 
 from __future__ import annotations
@@ -40,7 +47,6 @@ import bisect
 import collections
 import dataclasses
 import logging
-import os
 from typing import Callable
 
 import trio
@@ -49,7 +55,8 @@ from modelfs.cache.blobcache import BlobCache
 from modelfs.cache.chunkbuf import BufferPool, ChunkBuffer
 from modelfs.cache.chunks import DEFAULT_CHUNK_SIZE
 from modelfs.cache.errors import CacheFull, ModelfsError, SealMismatch
-from modelfs.cache.partial import PartialBlob, pread_exact
+from modelfs.cache.partial import PartialBlob
+from modelfs.cache.sealedfile import SealedFile
 
 from .client import RegistryClient
 from .manifest import Layer
@@ -66,6 +73,10 @@ WHOLE_UP_TO = 1 << 20
 # complete blob is sealed after SEAL_PATIENCE seconds whatever its readers do).
 READERS_QUIET = 0.5
 SEAL_PATIENCE = 30.0
+# A sealed blob read in sequence is loaded in stretches of this size (direct I/O, kept in the
+# memory cache and pushed into the kernel's page cache), up to SEALED_LEAD bytes ahead.
+SEALED_STRETCH = 8 << 20
+SEALED_LEAD = 32 << 20
 
 
 class Quarantined(ModelfsError):
@@ -91,7 +102,7 @@ class _BlobState:
     plan_lock: trio.Lock = dataclasses.field(default_factory=trio.Lock)
     flights: dict[int, _Flight] = dataclasses.field(default_factory=dict)
     sealing: trio.Event | None = None
-    sealed_fd: int = -1
+    sealed: SealedFile | None = None
     quarantined_until: float = 0.0
     seal_error: BaseException | None = None
     open_handles: int = 0
@@ -102,6 +113,14 @@ class _BlobState:
     background: bool = False
     completed: trio.Event = dataclasses.field(default_factory=trio.Event)  # all committed
     sealed_starts: list[int] | None = None
+
+
+def _stretch_starts(begin: int, end: int, size: int) -> range:
+    """Starts of the SEALED_STRETCH-aligned stretches under [begin, end) of a blob of `size`."""
+    end = min(end, size)
+    if end <= begin:
+        return range(0)
+    return range(begin - begin % SEALED_STRETCH, end, SEALED_STRETCH)
 
 
 def _mkey(blob: PartialBlob, i: int) -> tuple[str, int, int]:
@@ -178,9 +197,9 @@ class Materializer:
     def close(self) -> None:
         self._memory.clear()
         for state in self._states.values():
-            if state.sealed_fd >= 0:
-                os.close(state.sealed_fd)
-                state.sealed_fd = -1
+            if state.sealed is not None:
+                state.sealed.close()
+                state.sealed = None
 
     def cached_bytes(self, layer: Layer) -> int:
         return self._cache.cached_bytes(layer.digest, layer.size)
@@ -229,7 +248,7 @@ class Materializer:
                 raise Quarantined(f"blob {layer.digest[:19]} failed its seal recently; "
                                   f"not served until it is fetched again")
             if await self._is_sealed(state):
-                data = await self._read_sealed(state, offset, size)
+                data = await self._read_sealed(state, offset, size, ahead)
                 if data is not None:
                     return data
                 continue  # evicted from since: read it as a partial blob
@@ -288,7 +307,8 @@ class Materializer:
             if data is None and hi - lo < chunk.length:
                 # Part of a chunk: the reads behind this one want the rest of it, so it is
                 # read back whole, once (direct I/O), and kept (see _load).
-                data = await self._load(state, blob, i)
+                data = await self._load(_mkey(blob, i), lambda: blob.load_chunk(i),
+                                        lambda: state.partial is blob)
             if data is not None:
                 piece = data.slice(lo - chunk.start, hi - chunk.start)
                 # A slice of a chunk buffer is valid while somebody holds the buffer: returned
@@ -299,10 +319,11 @@ class Materializer:
                 parts.append(await blob.read(lo, hi - lo))
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    async def _load(self, state: _BlobState, blob: PartialBlob, i: int):
-        """Chunk `i` of a partial blob from the disk into the memory cache, once however many
-        reads want it. Its bytes, or None when the memory cache could not keep them."""
-        key = _mkey(blob, i)
+    async def _load(self, key: tuple[str, int, int], load, still_wanted, publish=False):
+        """The bytes of memory-cache `key` from the disk (`await load()`, a buffer we
+        release), once however many reads want them; kept if `still_wanted()` after the load
+        (the blob was not reset meanwhile), and with `publish` also pushed into the kernel's
+        page cache. The kept buffer, or None when the memory cache could not keep it."""
         while (loading := self._loading.get(key)) is not None:
             await loading.wait()
             data = self._memory.get(key)
@@ -311,17 +332,20 @@ class Materializer:
         self._loading[key] = done = trio.Event()
         try:
             self.loads += 1
-            buf = await blob.load_chunk(i)
-            if state.partial is blob:  # (else reset meanwhile: not to be kept)
+            buf = await load()
+            if still_wanted():
                 self._memory.put(key, buf)
-            blob.release_buffer(buf)
+                if publish and self.on_ready is not None:
+                    self._nursery.start_soon(self._publish, key[0], key[1],
+                                             self._cache.pool.hold(buf))
+            self._cache.pool.release(buf)
             return self._memory.get(key)
         finally:
             del self._loading[key]
             done.set()
 
     async def _is_sealed(self, state: _BlobState) -> bool:
-        if state.sealed_fd >= 0:
+        if state.sealed is not None:
             return True
         if state.partial is not None and not state.partial.sealed:
             return False  # in progress here: only our own seal moves it into blobs/
@@ -329,22 +353,77 @@ class Materializer:
         if not await self._cache.adopt_sealed(layer.digest, layer.size):
             return False
         try:
-            state.sealed_fd = os.open(self._cache.store.blob_path(layer.digest), os.O_RDONLY)
+            state.sealed = SealedFile(self._cache.store.blob_path(layer.digest), layer.size,
+                                      self._cache.pool, self._cache.limiter)
         except FileNotFoundError:
             return False
         self._memory.drop(layer.digest)
         return True
 
-    async def _read_sealed(self, state: _BlobState, offset: int, size: int) -> bytes | None:
+    async def _read_sealed(self, state: _BlobState, offset: int, size: int,
+                           ahead: tuple[int, int] | None) -> bytes | None:
+        """Bytes of a sealed blob, never through the cache file's page cache: a reader in
+        sequence gets slices of stretches loaded ahead of it (and pushed into the kernel's
+        page cache); any other read only the pages under it. None when it was unsealed."""
         digest = state.layer.digest
-        self._budget.pin(digest)  # no chunk of it is evicted (and its fd closed) meanwhile
+        self._budget.pin(digest)  # no chunk of it is evicted (and its file closed) meanwhile
         try:
-            if state.sealed_fd < 0:
+            sealed = state.sealed
+            if sealed is None:
                 return None
-            data = await trio.to_thread.run_sync(pread_exact, state.sealed_fd, size, offset,
-                                                 limiter=self._cache.limiter)
+            if ahead is None or ahead[1] <= ahead[0]:
+                data = await sealed.read(offset, size)
+            else:
+                data = await self._read_stretches(state, sealed, offset, size)
+                for start in _stretch_starts(offset + size, min(ahead[1], offset + size +
+                                                                SEALED_LEAD), sealed.size):
+                    if self._memory.get(self._stretch_key(state, start)) is None and \
+                            self._stretch_key(state, start) not in self._loading:
+                        self._nursery.start_soon(self._stretch_ahead, state, start)
             self._budget.touch(digest, self._sealed_chunks(state, offset, size))
             return data
+        finally:
+            self._budget.unpin(digest)
+
+    @staticmethod
+    def _stretch_key(state: _BlobState, start: int) -> tuple[str, int, int]:
+        return state.layer.digest, start, min(SEALED_STRETCH, state.layer.size - start)
+
+    async def _stretch(self, state: _BlobState, sealed: SealedFile, start: int):
+        """The stretch of a sealed blob at `start`, loaded once and kept (or None)."""
+        key = self._stretch_key(state, start)
+        data = self._memory.get(key)
+        if data is None:
+            data = await self._load(key, lambda: sealed.load(start, key[2]),
+                                    lambda: state.sealed is sealed, publish=True)
+        return data
+
+    async def _read_stretches(self, state: _BlobState, sealed: SealedFile, offset: int,
+                              size: int) -> bytes:
+        size = min(size, sealed.size - offset)
+        end = offset + size
+        starts = list(_stretch_starts(offset, end, sealed.size))
+        parts = []
+        for start in starts:
+            data = await self._stretch(state, sealed, start)
+            lo, hi = max(offset, start), min(end, start + SEALED_STRETCH)
+            if data is None:  # the memory cache could not keep it
+                parts.append(await sealed.read(lo, hi - lo))
+            else:
+                # returned at once (no await before the FUSE reply), a slice is valid; kept
+                # across the next stretch's await it is copied (see _read_chunks)
+                piece = data.slice(lo - start, hi - start)
+                parts.append(piece if len(starts) == 1 else bytes(piece))
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def _stretch_ahead(self, state: _BlobState, start: int) -> None:
+        digest = state.layer.digest
+        self._budget.pin(digest)
+        try:
+            if state.sealed is not None:
+                await self._stretch(state, state.sealed, start)
+        except Exception as exc:  # an optimisation: the reader reads it itself if it must
+            log.debug("loading %s at %d ahead of its reader failed: %s", digest[:19], start, exc)
         finally:
             self._budget.unpin(digest)
 
@@ -366,9 +445,9 @@ class Materializer:
         state = self._states.get(digest)
         if state is None:
             return
-        if state.sealed_fd >= 0:
-            os.close(state.sealed_fd)
-            state.sealed_fd = -1
+        if state.sealed is not None:
+            state.sealed.close()
+            state.sealed = None
         state.partial = blob
         if blob is None:
             state.url = None
@@ -513,7 +592,8 @@ class Materializer:
                             state.partial is blob:
                         self._memory.put(_mkey(blob, i), data)
                         if self.on_ready is not None:
-                            self._nursery.start_soon(self._publish, blob, i,
+                            self._nursery.start_soon(self._publish, blob.digest,
+                                                     blob.chunks[i].start,
                                                      self._cache.pool.hold(data))
                     blob.release_buffer(data)
             finally:
@@ -531,13 +611,13 @@ class Materializer:
                 del state.flights[i]
             flight.done.set()
 
-    async def _publish(self, blob: PartialBlob, i: int, buf: ChunkBuffer) -> None:
+    async def _publish(self, digest: str, start: int, buf: ChunkBuffer) -> None:
         try:
-            await self.on_ready(blob.digest, blob.chunks[i].start, buf)
+            await self.on_ready(digest, start, buf)
         except Exception as exc:  # an optimisation: readers get the bytes anyway
-            log.debug("publishing chunk %d of %s failed: %s", i, blob.digest[:19], exc)
+            log.debug("publishing %s at %d failed: %s", digest[:19], start, exc)
         finally:
-            blob.release_buffer(buf)
+            self._cache.pool.release(buf)
 
     async def _commit(self, state: _BlobState, blob: PartialBlob, i: int) -> None:
         try:

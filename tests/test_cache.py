@@ -258,8 +258,8 @@ async def test_received_chunks_go_through_the_same_door(cache, tmp_path, monkeyp
     reads of a chunk whose write is pending wait for it."""
     from modelfs.cache import partial
     direct = []
-    real = partial._write_received
-    monkeypatch.setattr(partial, "_write_received",
+    real = partial.write_received
+    monkeypatch.setattr(partial, "write_received",
                         lambda dfd, *a: direct.append(dfd >= 0) or real(dfd, *a))
     blob = cache.open_partial(d(BIG), len(BIG), BIG_CHUNKS)
     assert blob._dfd >= 0  # a disk filesystem: the direct path is the one under test

@@ -176,3 +176,46 @@ async def test_chunks_fetched_ahead_are_put_into_the_page_cache(live_registry, t
         await trio.to_thread.run_sync(read_first_chunk_then_look)
     finally:
         await trio.to_thread.run_sync(m.cleanup)
+
+
+async def test_sealed_blob_is_served_without_its_own_page_cache(live_registry, tmp_path):
+    """A sealed blob is read with direct I/O: reading a model through the mount does not put
+    it into the page cache a second time (the cache file's pages), sequential or not, and the
+    bytes are right at any offset, up to the unaligned end."""
+    reg = await live_registry(chunk_size=1 << 20)
+    source, imported = reg.add_model("warm", (20 << 20) + 12345)
+    expected = source.read_bytes()
+    blob = tmp_path / "cache" / "blobs" / ("sha256-" + imported.model.digest[7:])
+    m = await _mount(reg, tmp_path)
+    try:
+        path = m.path / "warm:latest" / "model.gguf"
+        assert await trio.to_thread.run_sync(sha256_file, path) == imported.model.digest
+        with trio.fail_after(30):  # sealed once its reader is quiet
+            while not blob.exists():
+                await trio.sleep(0.05)
+        await trio.to_thread.run_sync(m.unmount)
+        fd = os.open(blob, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+        assert _resident_bytes(blob) == 0
+        await trio.to_thread.run_sync(m.start)
+
+        def read_back():
+            with open(path, "rb", buffering=0) as f:
+                got = bytearray()
+                while piece := f.read(1 << 20):
+                    got += piece
+            assert got == expected
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+            try:  # reads that are not a stream, at odd places, one across the end
+                for off in (len(expected) - 4096, 3 << 20, 4096 * 7, 0, 17 << 20):
+                    want = expected[off:off + (1 << 20)]
+                    assert os.pread(fd, 1 << 20, off) == want, off
+            finally:
+                os.close(fd)
+
+        await trio.to_thread.run_sync(read_back)
+        assert _resident_bytes(blob) <= 2 * mmap.PAGESIZE  # the unaligned last page at most
+        assert "Traceback" not in m.log()
+    finally:
+        await trio.to_thread.run_sync(m.cleanup)
