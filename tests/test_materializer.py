@@ -67,3 +67,72 @@ async def test_sealer_waits_for_the_readers_then_seals(live_registry, tmp_path):
                 nursery.cancel_scope.cancel()
     finally:
         cache.close()
+
+
+async def test_sealed_stretches_ahead_of_many_readers_stay_bounded(live_registry, tmp_path,
+                                                                   monkeypatch):
+    """Six sequential readers of one sealed blob, on a slow disk: each gets the right bytes,
+    and the buffers in use stay within the memory cache, the loads ahead (STRETCHES_AHEAD at a
+    time, all readers together) and the readers' own loads, not readers times the lead.
+    (Stretches of 1 MiB and a lead of 4 MiB keep the blob small.)"""
+    import time
+
+    from modelfs.cache import sealedfile
+    from modelfs.fetcher import materializer as M
+    monkeypatch.setattr(M, "SEALED_STRETCH", 1 << 20)
+    monkeypatch.setattr(M, "SEALED_LEAD", 4 << 20)
+    real_read_into = sealedfile.read_into
+
+    def slow_read_into(*args):
+        time.sleep(0.05)
+        real_read_into(*args)
+
+    reg = await live_registry(chunk_size=1 << 20)
+    source, imported = reg.add_model("shared", 48 << 20)
+    layer, data = imported.model, source.read_bytes()
+    cache = BlobCache(tmp_path / "cache", sync_interval=0.01)
+    try:
+        async with RegistryClient(ClientConfig(retry=FAST_RETRY)) as client:
+            async with trio.open_nursery() as nursery:
+                mat = Materializer(client, cache, nursery, memory_cache=4 << 20,
+                                   background=False)
+                name = reg.name("shared")
+                for off in range(0, layer.size, 4 << 20):
+                    await mat.read(name, layer, off, 4 << 20)
+                with trio.fail_after(20):
+                    while not cache.is_sealed(layer.digest, layer.size):
+                        await trio.sleep(0.05)
+                pool = cache.pool
+
+                def in_use():
+                    return pool.allocated - pool._free_bytes
+
+                mat.loads, peak, base = 0, [0], in_use()
+                monkeypatch.setattr(sealedfile, "read_into", slow_read_into)
+
+                async def watch():
+                    while True:
+                        peak[0] = max(peak[0], in_use() - base)
+                        await trio.sleep(0)
+
+                async def reader(start):
+                    step = 256 << 10
+                    for off in range(start, start + (3 << 20), step):
+                        got = await mat.read(name, layer, off, step,
+                                             ahead=(off + step, off + (8 << 20)))
+                        assert got == data[off:off + step], off
+
+                async with trio.open_nursery() as inner:
+                    inner.start_soon(watch)
+                    async with trio.open_nursery() as readers:
+                        for k in range(6):
+                            readers.start_soon(reader, k * (8 << 20))
+                    inner.cancel_scope.cancel()
+                assert mat.loads > 6  # the stretches were loaded (not read page by page)
+                # (a few loads ahead at a time: a limit of hundreds would be no limit)
+                ahead = min(M.STRETCHES_AHEAD, 4) * M.SEALED_STRETCH
+                bound = (4 << 20) + ahead + 6 * M.SEALED_STRETCH
+                assert peak[0] <= bound, (peak[0] >> 20, bound >> 20)
+                nursery.cancel_scope.cancel()
+    finally:
+        cache.close()

@@ -5,6 +5,7 @@ import ctypes
 import mmap
 import os
 import re
+import sqlite3
 import time
 
 import trio
@@ -198,6 +199,7 @@ async def test_sealed_blob_is_served_without_its_own_page_cache(live_registry, t
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         os.close(fd)
         assert _resident_bytes(blob) == 0
+        before_read = time.time()
         await trio.to_thread.run_sync(m.start)
 
         def read_back():
@@ -217,5 +219,11 @@ async def test_sealed_blob_is_served_without_its_own_page_cache(live_registry, t
         await trio.to_thread.run_sync(read_back)
         assert _resident_bytes(blob) <= 2 * mmap.PAGESIZE  # the unaligned last page at most
         assert "Traceback" not in m.log()
+        await trio.to_thread.run_sync(m.unmount)
+        # every chunk counts as just used (LRU eviction), also those the kernel served itself
+        with sqlite3.connect(tmp_path / "cache" / "index.sqlite") as db:
+            stale = db.execute("SELECT count(*) FROM chunks WHERE digest=? AND last_access<?",
+                               (imported.model.digest, before_read)).fetchone()[0]
+        assert stale == 0
     finally:
         await trio.to_thread.run_sync(m.cleanup)
