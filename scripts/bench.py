@@ -10,7 +10,9 @@ first. What it does:
 2. Measures, `--runs` times each (each run takes the cases in a rotated order, every other
    run reversed, so no case always follows the same other one), letting the disk settle
    (`--settle`) and dropping the page cache (`sync; echo 3 > drop_caches`) before every case
-   so that every byte comes from the disk at least once:
+   so that every byte comes from the disk at least once, then, on a VM whose balloon reports
+   free pages to its host, touching and freeing memory (`--prime`, see prime_memory) so that
+   every case starts from the same free memory:
      1  download-then-verify: `curl -s -o FILE URL && openssl dgst -sha256 FILE`
      2  `modelfs pull` into an empty cache
      3  cold sequential read through a fresh mount with an empty cache (`dd bs=1M`)
@@ -34,6 +36,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import mmap
 import os
 import pathlib
 import re
@@ -134,6 +137,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def page_reporting() -> bool:
+    """Whether the guest hands free pages back to its host (virtio-balloon free page
+    reporting): then a page freed some seconds ago costs a host fault when it is used again."""
+    return pathlib.Path("/sys/module/page_reporting").exists()
+
+
+def mem_available() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def prime_memory(nbytes: int) -> None:
+    """Touch `nbytes` of memory and free it, right before a timed case.
+
+    Why: where the balloon reports free pages to the host (page_reporting()), a page freed a few
+    seconds ago is given back to the host, and its next use costs a host fault; a page freed
+    just now is not yet. Measured here: 2 GiB written to new files in 0.5 s right after a cache
+    drop, in 5.2 s ten seconds after it. Without this, each case would pay for its fresh pages
+    according to what the case before it left in the page cache for the drop to free (a read of
+    the local disk took 0.5 or 5.9 CPU seconds by its place in the order). Primed, every case
+    starts with the same free memory, as on a machine without a balloon."""
+    if nbytes <= 0:
+        return
+    step = 64 * MiB
+    ones = b"\1" * step
+    with mmap.mmap(-1, nbytes) as mem:
+        for off in range(0, nbytes - step + 1, step):
+            mem[off:off + step] = ones
+
+
 def cpu_seconds() -> float:
     """Busy CPU time of the whole machine so far (all CPUs; /proc/stat less idle and iowait)."""
     with open("/proc/stat") as f:
@@ -217,6 +253,7 @@ class Bench:
         self.blob_path: pathlib.Path | None = None
         self.drop_ok = True
         self.cpu_mark = 0.0
+        self.prime_bytes = 0  # set once the blob's size is known (prepare)
 
     @staticmethod
     def _modelfs_cmd() -> list[str]:
@@ -248,7 +285,18 @@ class Bench:
             except OSError as exc:
                 raise BenchError(f"cannot drop the page cache ({exc.strerror}): run as root, or "
                                  "pass --no-drop-caches (then the cold cases are not cold)") from None
+        prime_memory(self.prime_bytes)
         self.cpu_mark = cpu_seconds()
+
+    def prime_size(self) -> int:
+        """--prime, or by default (`auto`, where free pages are reported to the host) what one
+        case can need: the source's pages and a copy of the blob, and 2 GiB more, at most half
+        of the free memory."""
+        want = self.args.prime
+        if want is None:
+            want = 2 * self.blob_size + (2 << 30) if page_reporting() else 0
+        want = min(want, mem_available() // 2)
+        return want - want % (64 * MiB)
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -298,6 +346,7 @@ class Bench:
         layer = next(x for x in doc["layers"] if x["mediaType"].endswith(".model"))
         self.digest, self.blob_size = layer["digest"], layer["size"]
         self.blob_path = models / "blobs" / self.digest.replace(":", "-")
+        self.prime_bytes = self.prime_size()
         log(f"exporting {models} with `modelfs serve --export`")
         t = time.monotonic()
         out = self.run(self.modelfs + [
@@ -486,6 +535,12 @@ class Bench:
                   f"pull args: {shlex.join(self.pull_args) or '-'}")
         if a.no_drop_caches:
             print("  WARNING: page cache NOT dropped (--no-drop-caches): cold cases are warm")
+        if self.prime_bytes:
+            print(f"  {format_size(self.prime_bytes)} of memory touched and freed before each "
+                  f"case (--prime; the balloon reports free pages to the host)")
+        elif page_reporting():
+            print("  memory NOT primed (--prime 0): each case's fresh pages cost what the case "
+                  "before it left behind")
         print()
         print(f"  {'case':<44} {'seconds':>9} {'MB/s':>9} {'CPU s':>6}   runs (s)")
         for c, rows in by_case.items():
@@ -520,7 +575,7 @@ class Bench:
                 "model": MODEL, "digest": self.digest, "blob_bytes": self.blob_size,
                 "runs": a.runs, "export_chunk_size": a.chunk_size, "registry": self.url,
                 "mount_args": self.mount_args, "pull_args": self.pull_args,
-                "page_cache_dropped": not a.no_drop_caches,
+                "page_cache_dropped": not a.no_drop_caches, "primed_bytes": self.prime_bytes,
                 "rows": [dict(dataclasses.asdict(r), mb_s=r.mb_s) for r in self.rows],
                 "rss": [dataclasses.asdict(r) for r in self.rss],
                 "median_seconds": {str(c): v for c, v in med.items()},
@@ -607,6 +662,12 @@ CASE_GROUPS = {"case_download": {1}, "case_pull": {2}, "case_cold_and_warm": {3,
                "case_first_mib": {4}, "case_local": {6}}
 
 
+def _prime_arg(text: str) -> int | None:
+    if text == "auto":
+        return None
+    return 0 if text.strip() == "0" else size_arg(text)
+
+
 def _case_list(text: str) -> set[int]:
     try:
         cases = {int(part) for part in text.split(",") if part.strip()}
@@ -639,6 +700,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=0, help="nginx port (default: a free one)")
     p.add_argument("--settle", type=float, default=3.0, metavar="S",
                    help="seconds to let the disk settle before each case (default 3)")
+    p.add_argument("--prime", type=_prime_arg, default=None, metavar="SIZE",
+                   help="memory to touch and free right before each case (default auto: "
+                   "twice the blob and 2G where the VM's balloon reports free pages to the "
+                   "host, else 0; see prime_memory)")
     p.add_argument("--cases", type=_case_list, default=set(CASES), metavar="N,N",
                    help="run only these cases, e.g. 1,3 (3, 5 and 7 always run together; "
                    "default all)")
