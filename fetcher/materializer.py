@@ -117,6 +117,7 @@ class _BlobState:
     completed: trio.Event = dataclasses.field(default_factory=trio.Event)  # all committed
     sealed_starts: list[int] | None = None
     stretches_end: int = 0  # end of the sealed stretches last asked for ahead of a reader
+    served: bool = False  # a read of it was answered (its first miss went alone)
 
 
 def _stretch_starts(begin: int, end: int, size: int) -> range:
@@ -270,7 +271,6 @@ class Materializer:
     async def _read_partial(self, state: _BlobState, blob: PartialBlob, offset: int, size: int,
                             ahead, whole) -> bytes | None:
         """The bytes from an in-progress blob, or None to go round again."""
-        layer = state.layer
         if not blob.has_chunk_digests:
             await self._fetch_whole(state, blob)  # servable only once sealed
             return None
@@ -279,6 +279,31 @@ class Materializer:
         chunks = blob.chunk_range(offset, size)
         for i in chunks:
             self._want(state, blob, i, DEMAND)
+        # The background waits until the first read of a blob that had to wait is answered:
+        # fetched beside it, the rest of the blob would share the link and the server's disk
+        # with that chunk and delay the reader's first bytes (streaming start). The window
+        # ahead of the reader does not wait (the reader wants it next).
+        first = not state.served and not all(blob.readable[i] for i in chunks)
+        self._want_ahead(state, blob, ahead, whole and not first)
+        # pinned before waiting: a chunk that arrives is not evicted before it is read
+        self._budget.pin(blob.digest, chunks)
+        try:
+            for i in chunks:
+                await self._wait_chunk(state, i)
+            state.served = True
+            if first:
+                self._want_ahead(state, blob, None, whole)
+            if state.partial is blob and all(blob.readable[i] for i in chunks):
+                self._budget.touch(blob.digest, chunks)
+                return await self._read_chunks(state, blob, chunks, offset, size)
+        finally:
+            self._budget.unpin(blob.digest, chunks)
+        return None  # replaced by a new chunk list meanwhile: go round again
+
+    def _want_ahead(self, state: _BlobState, blob: PartialBlob, ahead, whole) -> None:
+        """Queue the window ahead of a sequential reader, and with `whole` the rest of the
+        blob in the background (when it fits the cache and a handle is open)."""
+        layer = state.layer
         if ahead is not None and ahead[1] > ahead[0]:
             end = min(ahead[1], layer.size)
             if end > ahead[0]:
@@ -290,17 +315,6 @@ class Materializer:
             state.background = True
             for i in blob.missing():
                 self._want(state, blob, i, BACKGROUND)
-        # pinned before waiting: a chunk that arrives is not evicted before it is read
-        self._budget.pin(blob.digest, chunks)
-        try:
-            for i in chunks:
-                await self._wait_chunk(state, i)
-            if state.partial is blob and all(blob.readable[i] for i in chunks):
-                self._budget.touch(blob.digest, chunks)
-                return await self._read_chunks(state, blob, chunks, offset, size)
-        finally:
-            self._budget.unpin(blob.digest, chunks)
-        return None  # replaced by a new chunk list meanwhile: go round again
 
     async def _read_chunks(self, state: _BlobState, blob: PartialBlob, chunks: range,
                            offset: int, size: int) -> bytes:

@@ -136,3 +136,40 @@ async def test_sealed_stretches_ahead_of_many_readers_stay_bounded(live_registry
                 nursery.cancel_scope.cancel()
     finally:
         cache.close()
+
+
+async def test_first_miss_of_a_blob_is_fetched_alone(live_registry, tmp_path):
+    """Streaming start: while the first read of a cold blob waits for its chunk, the rest of
+    the blob is not fetched beside it; the background starts once that read is answered, and
+    then completes the blob."""
+    reg = await live_registry(chunk_size=64 << 10)
+    source, imported = reg.add_model("first", 2 << 20)
+    layer = imported.model
+    beside = []
+
+    async def first_chunk(faults, scope, receive, send):
+        for _ in range(30):  # while it is held back: what else is being fetched?
+            beside.append(faults.ranges_in_flight - 1)
+            await trio.sleep(0.01)
+        await faults.app(scope, receive, send)
+
+    reg.faults.add("GET", "/blobs/" + layer.digest, first_chunk, times=1, range="bytes=0-65535")
+    reg.faults.delay = 0.05
+    cache = BlobCache(tmp_path / "cache", sync_interval=0.01)
+    try:
+        async with RegistryClient(ClientConfig(retry=FAST_RETRY)) as client:
+            async with trio.open_nursery() as nursery:
+                mat = Materializer(client, cache, nursery)
+                name = reg.name("first")
+                mat.opened(name, layer)
+                got = await mat.read(name, layer, 0, 4096, whole=True)
+                assert got == source.read_bytes()[:4096]
+                assert max(beside) == 0, beside
+                n_chunks = -(-layer.size // (64 << 10))
+                with trio.fail_after(20):  # then the background: all of it
+                    while len(set(reg.faults.ranges(layer.digest))) < n_chunks:
+                        await trio.sleep(0.05)
+                mat.closed(layer)
+                nursery.cancel_scope.cancel()
+    finally:
+        cache.close()
