@@ -28,11 +28,11 @@ import trio
 from .budget import DiskBudget
 from .buffers import punch_hole
 from .chunkbuf import BufferPool
-from .lowprio import LowPriorityThread
 from .chunks import DEFAULT_CHUNK_SIZE, Chunk, check_coverage, fixed_chunks
 from .digests import parse_digest
 from .errors import ModelfsError
 from .index import ChunkIndex
+from .lowprio import LowPriorityThread
 from .partial import PartialBlob, partial_name
 from .store import ModelsDir
 

@@ -152,9 +152,7 @@ class DiskBudget:
                 if self.pinned(digest, index):
                     continue
                 blob = self._cache.unseal_for_eviction(digest)
-                if blob is None:
-                    continue
-                if blob.sealing:
+                if blob is None or blob.sealing:
                     continue
                 if not blob.has_chunk_digests and blob.complete:
                     # adopted whole, without the registry's chunk list: a hole would leave

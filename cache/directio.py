@@ -11,8 +11,10 @@ from __future__ import annotations
 import errno
 import os
 
+import trio
+
 from .buffers import pwrite_all
-from .chunkbuf import PAGE
+from .chunkbuf import PAGE, BufferPool, ChunkBuffer
 
 
 def open_direct(path, flags: int = os.O_RDWR) -> int:
@@ -67,3 +69,17 @@ def read_into(dfd: int, fd: int, view, offset: int) -> None:
         if got <= 0:
             raise EOFError(f"unexpected end of cache file at offset {offset + done}")
         done += got
+
+
+async def load(pool: BufferPool, limiter: trio.CapacityLimiter, dfd: int, fd: int, start: int,
+               length: int) -> ChunkBuffer:
+    """Bytes [start, start + length) of the file in a pooled buffer the caller releases,
+    read in one of the cache's I/O threads (`read_into`)."""
+    buf = pool.take(length)
+    try:
+        await trio.to_thread.run_sync(read_into, dfd, fd, buf.view, start, limiter=limiter)
+    except BaseException:
+        buf.abandon()  # (a cancelled thread may still be reading into it)
+        pool.release(buf)
+        raise
+    return buf

@@ -48,7 +48,7 @@ import trio
 from .buffers import feed, punch_hole, pwrite_all
 from .chunkbuf import BufferPool, ChunkBuffer, Receiver
 from .chunks import Chunk, check_coverage
-from .directio import open_direct, read_into, write_received
+from .directio import load, open_direct, write_received
 from .digests import digest_hex
 from .errors import CacheFull, ChunkDigestMismatch, SealMismatch
 from .index import ChunkIndex
@@ -225,15 +225,8 @@ class PartialBlob:
         caller has made sure it is readable and pinned."""
         chunk = self.chunks[i]
         await self._written([i])
-        buf = self._pool.take(chunk.length)
-        try:
-            await trio.to_thread.run_sync(read_into, self._direct_fd, self._fd, buf.view,
-                                          chunk.start, limiter=self._limiter)
-        except BaseException:
-            buf.abandon()  # (a cancelled thread may still be reading into it)
-            self._pool.release(buf)
-            raise
-        return buf
+        return await load(self._pool, self._limiter, self._direct_fd, self._fd, chunk.start,
+                          chunk.length)
 
     def hurry(self) -> None:
         """The last chunk of this run was written: make the waiting ones durable now."""

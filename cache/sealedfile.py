@@ -16,7 +16,7 @@ import os
 import trio
 
 from .chunkbuf import PAGE, BufferPool, ChunkBuffer
-from .directio import open_direct, read_into
+from .directio import load, open_direct
 
 
 class SealedFile:
@@ -35,15 +35,7 @@ class SealedFile:
     async def load(self, start: int, length: int) -> ChunkBuffer:
         """Bytes [start, start + length) in a buffer the caller releases (`start` page
         aligned, the range within the file)."""
-        buf = self._pool.take(length)
-        try:
-            await trio.to_thread.run_sync(read_into, self._dfd, self._fd, buf.view, start,
-                                          limiter=self._limiter)
-        except BaseException:
-            buf.abandon()  # (a cancelled thread may still be reading into it)
-            self._pool.release(buf)
-            raise
-        return buf
+        return await load(self._pool, self._limiter, self._dfd, self._fd, start, length)
 
     async def read(self, offset: int, size: int) -> bytes:
         """Bytes [offset, offset + size), clamped at the end of the file."""

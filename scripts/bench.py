@@ -283,8 +283,9 @@ class Bench:
                 with open("/proc/sys/vm/drop_caches", "w") as f:
                     f.write("3\n")
             except OSError as exc:
-                raise BenchError(f"cannot drop the page cache ({exc.strerror}): run as root, or "
-                                 "pass --no-drop-caches (then the cold cases are not cold)") from None
+                raise BenchError(f"cannot drop the page cache ({exc.strerror}): run as root, "
+                                 "or pass --no-drop-caches (then the cold cases are not "
+                                 "cold)") from None
         prime_memory(self.prime_bytes)
         self.cpu_mark = cpu_seconds()
 

@@ -77,11 +77,11 @@ async def test_sealed_stretches_ahead_of_many_readers_stay_bounded(live_registry
     (Stretches of 1 MiB and a lead of 4 MiB keep the blob small.)"""
     import time
 
-    from modelfs.cache import sealedfile
+    from modelfs.cache import directio
     from modelfs.fetcher import materializer as M
     monkeypatch.setattr(M, "SEALED_STRETCH", 1 << 20)
     monkeypatch.setattr(M, "SEALED_LEAD", 4 << 20)
-    real_read_into = sealedfile.read_into
+    real_read_into = directio.read_into
 
     def slow_read_into(*args):
         time.sleep(0.05)
@@ -108,7 +108,7 @@ async def test_sealed_stretches_ahead_of_many_readers_stay_bounded(live_registry
                     return pool.allocated - pool._free_bytes
 
                 mat.loads, peak, base = 0, [0], in_use()
-                monkeypatch.setattr(sealedfile, "read_into", slow_read_into)
+                monkeypatch.setattr(directio, "read_into", slow_read_into)
 
                 async def watch():
                     while True:
