@@ -184,23 +184,26 @@ class BlobCache:
             self.budget.used += size
         return True
 
-    def _blob(self, digest: str, size: int, chunks: list[Chunk], present: list[bool],
-              path: pathlib.Path, sealed: bool = False) -> PartialBlob:
+    def _blob(self, digest: str, size: int, chunks: list[Chunk], present: list[int],
+              path: pathlib.Path, sealed: bool = False, check_whole: bool = False) -> PartialBlob:
         return PartialBlob(digest=digest, size=size, chunks=chunks, present=present, path=path,
                            final_path=self.store.blob_path(digest), index=self.index,
                            limiter=self.limiter, durable=self.durable,
                            reserve=self.budget.reserve, sealed=sealed,
                            sync_interval=self.sync_interval, pool=self.pool,
-                           hash_thread=self.hash_thread)
+                           hash_thread=self.hash_thread, check_whole=check_whole)
 
-    def open_partial(self, digest: str, size: int, chunks: list[Chunk]) -> PartialBlob:
+    def open_partial(self, digest: str, size: int, chunks: list[Chunk], *,
+                     check_whole: bool = False) -> PartialBlob:
         """The partial blob for `digest`, resuming what the index holds if the chunk list is
         the same as last time; a different list starts over (its chunks cannot be trusted to
-        line up)."""
+        line up). `check_whole`: nobody reads it before its seal, which alone checks the
+        chunks received from now on (partial.py: a pull)."""
         digest = parse_digest(digest)
         check_coverage(chunks, size)
         blob = self._open.get(digest)
         if blob is not None and not blob.sealed and blob.chunks == chunks:
+            blob.check_whole = check_whole and blob.has_chunk_digests
             return blob
         if blob is not None:
             # Not closed here: a read in a thread may still use its fd. Closed with the cache.
@@ -213,7 +216,7 @@ class BlobCache:
             present = stored[2]
             if any(present):
                 log.info("resuming %s: %d of %d chunks already cached",
-                         digest[:19], sum(present), len(present))
+                         digest[:19], sum(1 for p in present if p), len(present))
             _free_absent(path, chunks, present)
         else:
             if stored is not None:
@@ -221,7 +224,7 @@ class BlobCache:
             path.unlink(missing_ok=True)
             self.index.replace(digest, size, chunks)
             present = [False] * len(chunks)
-        blob = self._blob(digest, size, chunks, present, path)
+        blob = self._blob(digest, size, chunks, present, path, check_whole=check_whole)
         self._open[digest] = blob
         return blob
 
@@ -288,6 +291,7 @@ class BlobCache:
         self.drop(blob)
         blob.present = [False] * len(blob.chunks)
         blob.readable = [False] * len(blob.chunks)
+        blob.landed = [False] * len(blob.chunks)
         self.budget.unsealed(blob.digest, None)
         for path in (blob.path, blob.final_path):
             await trio.to_thread.run_sync(_unlink_missing_ok, path, limiter=self.limiter)
@@ -304,8 +308,8 @@ class BlobCache:
     async def commit_pending(self) -> None:
         """Record every chunk written but not yet recorded (a clean shutdown loses nothing)."""
         for blob in self.open_blobs():
-            for i, (readable, present) in enumerate(zip(blob.readable, blob.present)):
-                if readable and not present:
+            for i, present in enumerate(blob.present):
+                if blob.in_file(i) and not present:
                     await blob.commit_chunk(i)
         self.budget.flush()
 

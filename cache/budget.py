@@ -84,8 +84,8 @@ class DiskBudget:
 
     def _resync(self) -> None:
         pending = sum(c.length for blob in self._cache.open_blobs()
-                      for c, readable, present in zip(blob.chunks, blob.readable, blob.present)
-                      if readable and not present)
+                      for i, (c, present) in enumerate(zip(blob.chunks, blob.present))
+                      if blob.in_file(i) and not present)
         self.used = self._cache.index.usage() + pending
 
     def unsealed(self, digest: str, blob) -> None:
@@ -175,7 +175,7 @@ class DiskBudget:
                 for index in range(len(blob.chunks)):
                     if freed >= want:
                         break
-                    if blob.readable[index] and not blob.present[index] \
+                    if blob.in_file(index) and not blob.present[index] \
                             and not self.pinned(blob.digest, index):
                         got = await blob.evict_chunk(index)
                         freed += got

@@ -34,5 +34,16 @@ class SealMismatch(IntegrityError):
     """Every chunk arrived, but the whole blob does not hash to the manifest digest."""
 
 
+class LandedChunksBad(IntegrityError):
+    """A blob checked as a whole (a pull) did not match its digest, and these of its chunks
+    did not match their own digests: they were dropped and must be fetched again."""
+
+    temporary = True
+
+    def __init__(self, message: str, indexes: list[int]):
+        super().__init__(message)
+        self.indexes = indexes
+
+
 class CacheFull(ModelfsError):
     """No room for a chunk, even after evicting what could be evicted."""

@@ -27,6 +27,7 @@ from .chunks import Chunk
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = "3"
+ABSENT, VERIFIED, LANDED = 0, 1, 2  # chunks.present
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -47,7 +48,7 @@ CREATE TABLE IF NOT EXISTS chunks (
     start INTEGER NOT NULL,
     "end" INTEGER NOT NULL,
     chunk_digest TEXT,
-    present INTEGER NOT NULL DEFAULT 0,
+    present INTEGER NOT NULL DEFAULT 0,  -- 0 absent, 1 verified, 2 landed (see mark_present)
     last_access REAL NOT NULL DEFAULT 0,
     PRIMARY KEY (digest, idx)
 ) WITHOUT ROWID;
@@ -94,7 +95,8 @@ class ChunkIndex:
     def close(self) -> None:
         self._db.close()
 
-    def load(self, digest: str) -> tuple[int, list[Chunk], list[bool]] | None:
+    def load(self, digest: str) -> tuple[int, list[Chunk], list[int]] | None:
+        """(size, chunk list, presence of each chunk: ABSENT, VERIFIED or LANDED)."""
         row = self._db.execute("SELECT size FROM blobs WHERE digest=?", (digest,)).fetchone()
         if row is None:
             return None
@@ -104,7 +106,7 @@ class ChunkIndex:
         if [r[0] for r in rows] != list(range(len(rows))):
             return None
         chunks = [Chunk(r[1], r[2], r[3]) for r in rows]
-        return row[0], chunks, [bool(r[4]) for r in rows]
+        return row[0], chunks, [r[4] for r in rows]
 
     def replace(self, digest: str, size: int, chunks: list[Chunk]) -> None:
         """Record a fresh chunk list for `digest`, none of it present."""
@@ -116,12 +118,15 @@ class ChunkIndex:
                 'INSERT INTO chunks (digest, idx, start, "end", chunk_digest) VALUES (?,?,?,?,?)',
                 [(digest, i, c.start, c.end, c.digest) for i, c in enumerate(chunks)])
 
-    def mark_present(self, digest: str, indexes: list[int]) -> None:
+    def mark_present(self, digest: str, indexes: list[int], verified: bool = True) -> None:
+        """Durable in the blob file: VERIFIED (its own digest or the whole blob's matched), or
+        LANDED (a pull that checks the blob as a whole wrote it: it must be verified before
+        anyone is served from it)."""
         now = time.time()
         with self._transaction():
             self._db.executemany(
-                "UPDATE chunks SET present=1, last_access=? WHERE digest=? AND idx=?",
-                [(now, digest, i) for i in indexes])
+                "UPDATE chunks SET present=?, last_access=? WHERE digest=? AND idx=?",
+                [(VERIFIED if verified else LANDED, now, digest, i) for i in indexes])
 
     def forget(self, digest: str) -> None:
         with self._transaction():
@@ -164,7 +169,7 @@ class ChunkIndex:
     def victims(self, limit: int) -> list[tuple[str, int, int]]:
         """Present chunks, least recently used first: (digest, index, length)."""
         return self._db.execute(
-            'SELECT digest, idx, "end" - start FROM chunks WHERE present=1 '
+            'SELECT digest, idx, "end" - start FROM chunks WHERE present>0 '
             "ORDER BY last_access, digest, idx LIMIT ?", (limit,)).fetchall()
 
     def present_bytes(self, digest: str, size: int) -> int:
@@ -177,7 +182,7 @@ class ChunkIndex:
 
     def usage(self) -> int:
         """Bytes of every present chunk, sealed blobs included."""
-        row = self._db.execute('SELECT sum("end" - start) FROM chunks WHERE present=1').fetchone()
+        row = self._db.execute('SELECT sum("end" - start) FROM chunks WHERE present>0').fetchone()
         return row[0] or 0
 
     def blob_summary(self) -> dict[str, tuple[int, int, float]]:

@@ -10,6 +10,14 @@ becomes `readable`. `commit_chunk` makes it durable and records it in the index 
 `put_chunk` does both. When every chunk is present, `seal` checks the whole-file sha256 against
 the manifest digest and only then moves the file into `blobs/`.
 
+Checked as a whole (`check_whole`, a pull): nobody reads the blob before its seal, so the
+chunks a pull receives are not hashed on their own. They are `landed` (in the file, recorded in
+the index as LANDED), not `readable`, and the sealer's hash is the only one each byte gets. A
+matching seal verifies them all. A mismatch checks each landed chunk against its own digest;
+the ones that fail are dropped (LandedChunksBad: fetch them again, checked on their own), and
+if none fails, the chunk list lied (SealMismatch, as ever). A landed chunk found on reopen by
+anyone else (a pull that stopped; a mount after it) is served only after `verify_landed`.
+
 Concurrency contract (trio):
 - All state (`readable`, `present`, the sealer position, the index) changes on the trio thread.
 - Threads get an fd, bytes and (under `_seal_lock`) the sealer's hasher: hashing, pwrite, pread
@@ -50,8 +58,8 @@ from .chunkbuf import BufferPool, ChunkBuffer, Receiver
 from .chunks import Chunk, check_coverage
 from .directio import load, open_direct, write_received
 from .digests import digest_hex
-from .errors import CacheFull, ChunkDigestMismatch, SealMismatch
-from .index import ChunkIndex
+from .errors import CacheFull, ChunkDigestMismatch, LandedChunksBad, SealMismatch
+from .index import LANDED, ChunkIndex
 from .store import fsync_dir
 
 log = logging.getLogger(__name__)
@@ -140,15 +148,20 @@ class _PendingWrite:
 
 
 class PartialBlob:
-    def __init__(self, *, digest: str, size: int, chunks: list[Chunk], present: list[bool],
+    def __init__(self, *, digest: str, size: int, chunks: list[Chunk], present: list[int],
                  path: pathlib.Path, final_path: pathlib.Path, index: ChunkIndex,
                  limiter: trio.CapacityLimiter, durable: bool = True, reserve=None,
                  sealed: bool = False, sync_interval: float = 0.5,
-                 pool: BufferPool | None = None, hash_thread=None):
+                 pool: BufferPool | None = None, hash_thread=None, check_whole: bool = False):
         self.digest, self.size = digest, size
         self.chunks = check_coverage(chunks, size)
-        self.present = present  # durable and recorded in the index
-        self.readable = list(present)  # verified (perhaps not written or durable yet)
+        # `present` as the index has it (ABSENT, VERIFIED or LANDED; or bools)
+        self.present = [bool(p) for p in present]  # durable and recorded in the index
+        self.landed = [p == LANDED for p in present]  # in the file, not verified on its own
+        self.readable = [bool(p) and p != LANDED for p in present]  # verified (maybe not
+        # written or durable yet)
+        # received chunks are checked by the seal alone (module docstring); a pull sets it
+        self.check_whole = check_whole and self.has_chunk_digests
         self._generation = [0] * len(chunks)  # GroupSync generation of each chunk's write
         self._early: dict[int, object] = {}  # chunks written ahead of the sealer, kept for it
         # Received chunks verified and readable (from memory) whose write to the file is still
@@ -218,11 +231,64 @@ class PartialBlob:
         `write_chunk`. The caller holds the buffer's first ref and releases it
         (`release_buffer`)."""
         return Receiver(self._pool.take(self.chunks[i].length),
-                        hashed=self.chunks[i].digest is not None)
+                        hashed=self.chunks[i].digest is not None and not self.check_whole)
+
+    def in_file(self, i: int) -> bool:
+        """Chunk `i`'s bytes are in the file (or on their way there), verified or landed."""
+        return self.readable[i] or self.landed[i]
+
+    async def verify_landed(self, i: int) -> ChunkBuffer | None:
+        """Landed chunk `i` read back and checked against its own digest. If it matches it is
+        readable from now on and its bytes are returned (the caller releases the buffer);
+        if not, it is absent again (fetch it) and None is returned; None as well when it is
+        not (or no longer) a landed chunk."""
+        chunk = self.chunks[i]
+        if not self.landed[i] or self.check_whole or chunk.digest is None:
+            return None
+        buf = await self.load_chunk(i)
+        try:
+            actual = await trio.to_thread.run_sync(_sha256, buf, limiter=self._limiter)
+        except BaseException:
+            self._pool.release(buf)
+            raise
+        if not self.landed[i]:  # evicted (or checked by a seal) meanwhile
+            self._pool.release(buf)
+            return None
+        if actual != chunk.digest:
+            self._pool.release(buf)
+            log.warning("landed chunk %d of %s does not match its digest; fetching it again",
+                        i, self.digest[:19])
+            await self._drop_landed([i])
+            return None
+        self.landed[i], self.readable[i] = False, True
+        self._index.mark_present(self.digest, [i])
+        return buf
+
+    def _unland(self, i: int) -> None:
+        """Landed chunk `i` is to be written again (checked): not in the file until then, and
+        out of the sealer's hash if it took the old bytes in."""
+        self.landed[i] = self.present[i] = False
+        self._done_with(self._pop_early(i))
+        if i < self._hashed_upto:
+            self._restart_sealer()
+
+    async def _drop_landed(self, indexes: list[int]) -> None:
+        """Landed chunks that failed their own digest: absent again, their bytes (which the
+        sealer may have hashed) out of the file and out of its hash."""
+        for i in indexes:
+            self.landed[i] = self.present[i] = False
+            self._done_with(self._pop_early(i))
+        self._index.mark_absent(self.digest, indexes)
+        for i in indexes:
+            chunk = self.chunks[i]
+            await trio.to_thread.run_sync(punch_hole, self._fd, chunk.start, chunk.length,
+                                          limiter=self._limiter)
+        if any(i < self._hashed_upto for i in indexes):
+            self._restart_sealer()
 
     async def load_chunk(self, i: int) -> ChunkBuffer:
         """Chunk `i` read back from the file into a buffer (the caller releases it). The
-        caller has made sure it is readable and pinned."""
+        caller has made sure it is in the file (`in_file`) and pinned."""
         chunk = self.chunks[i]
         await self._written([i])
         return await load(self._pool, self._limiter, self._direct_fd, self._fd, chunk.start,
@@ -274,6 +340,7 @@ class PartialBlob:
             raise ChunkDigestMismatch(
                 f"chunk {i} of {self.digest[:19]}: got {got} bytes, expected {chunk.length}")
         actual, checked, fed = None, received, False
+        unchecked = received and self.check_whole  # the seal checks it (a pull)
         if received:
             actual = data.digest()
         elif self.readable[i]:
@@ -289,21 +356,27 @@ class PartialBlob:
                         self._hashed_upto = i + 1
         if not checked and chunk.digest is not None:
             actual = await trio.to_thread.run_sync(_sha256, data, limiter=self._limiter)
-        if actual != chunk.digest:
+        if actual != chunk.digest and not unchecked:
             raise ChunkDigestMismatch(
                 f"chunk {i} ({chunk.start}-{chunk.end - 1}) of {self.digest[:19]}...: "
                 f"sha256 {actual[7:19]}... does not match its digest {chunk.digest[7:19]}...")
-        if self.readable[i]:
+        if self.landed[i] and not unchecked:
+            self._unland(i)  # checked bytes take the place of the unchecked ones
+        if self.in_file(i):
             return False  # (checked all the same: the caller may serve what it fetched)
         if received:
             # Write behind: readable now (the caller serves it from its buffer), written to
-            # the file by `commit_chunk`, off the readers' path.
+            # the file by `commit_chunk`, off the readers' path. (Unchecked: landed, for the
+            # sealer only.)
             await self._room_for(i)
-            if self.readable[i]:
+            if self.in_file(i):
                 return False
             self._pending[i] = _PendingWrite(self._pool.hold(data.buf))
             self._pending_bytes += chunk.length
-            self.readable[i] = True
+            if unchecked:
+                self.landed[i] = True
+            else:
+                self.readable[i] = True
             self._keep_for_sealer(i, data.buf)
             return True
         try:
@@ -378,7 +451,8 @@ class PartialBlob:
             await self._write(i, self.chunks[i], pending.buf)
             self._generation[i] = self._sync.wrote()
         except BaseException:
-            self.readable[i] = False  # fetched (and kept for the sealer) again when wanted
+            # fetched (and kept for the sealer) again when wanted
+            self.readable[i] = self.landed[i] = False
             self._done_with(self._pop_early(i))
             raise
         finally:
@@ -460,17 +534,17 @@ class PartialBlob:
             await self._sync.wait_durable(generation)
             if self._generation[i] == generation:
                 break  # (else it was evicted and written again meanwhile: wait for that write)
-        if not self.readable[i]:
+        if not self.in_file(i):
             return  # evicted while it waited to be durable: nothing to record
         self.present[i] = True
-        self._index.mark_present(self.digest, [i])
+        self._index.mark_present(self.digest, [i], verified=not self.landed[i])
 
     async def _advance_sealer(self) -> None:
         """Hash the readable chunks that follow the sealer's position, reading them back."""
         async with self._seal_lock:
             n = len(self.chunks)
             hasher = self._hasher
-            while self._hashed_upto < n and self.readable[self._hashed_upto]:
+            while self._hashed_upto < n and self.in_file(self._hashed_upto):
                 if self._paused():
                     self._clear_early()  # read back from disk when it catches up
                     return
@@ -532,6 +606,8 @@ class PartialBlob:
     async def _seal(self) -> pathlib.Path:
         await self._advance_sealer()
         actual = "sha256:" + self._hasher.hexdigest()
+        if actual != self.digest and any(self.landed):
+            await self._check_landed(actual)  # raises
         if actual != self.digest:
             log.error("SEAL MISMATCH for blob %s: every chunk verified, but the blob hashes to %s. "
                       "The chunk list was wrong; discarding the partial blob.",
@@ -543,6 +619,11 @@ class PartialBlob:
             await trio.to_thread.run_sync(os.fsync, self._fd, limiter=self._limiter)
         if not self.complete:
             raise RuntimeError(f"blob {self.digest[:19]} lost a chunk while being sealed")
+        landed = [i for i, here in enumerate(self.landed) if here]
+        if landed:  # verified by the whole blob's digest
+            self._index.mark_present(self.digest, landed)
+            for i in landed:
+                self.landed[i], self.readable[i] = False, True
         os.chmod(self.path, 0o644)
         os.replace(self.path, self.final_path)
         st = os.fstat(self._fd)
@@ -556,6 +637,36 @@ class PartialBlob:
         log.info("sealed %s (%d bytes)", self.digest, self.size)
         return self.final_path
 
+    async def _check_landed(self, actual: str) -> None:
+        """The whole blob did not match and some chunks were never checked on their own: check
+        them now, from the file. Raises LandedChunksBad for the ones that fail (dropped: fetch
+        them again; from now on every chunk is checked on its own); returns if none did."""
+        self.check_whole = False
+        bad = []
+        for i, here in enumerate(self.landed):
+            if not here:
+                continue
+            buf = await self.load_chunk(i)
+            try:
+                ok = await trio.to_thread.run_sync(_sha256, buf,
+                                                   limiter=self._limiter) == self.chunks[i].digest
+            finally:
+                self._pool.release(buf)
+            if not self.landed[i]:
+                continue
+            if ok:
+                self.landed[i], self.readable[i] = False, True
+                self._index.mark_present(self.digest, [i])
+            else:
+                bad.append(i)
+        if not bad:
+            return  # every chunk matches its digest: the chunk list is what is wrong
+        log.warning("blob %s hashed to %s, not its digest: %d of its chunks did not match their "
+                    "own digests and are fetched again", self.digest[:19], actual[:19], len(bad))
+        await self._drop_landed(bad)
+        raise LandedChunksBad(f"{len(bad)} chunks of {self.digest[:19]} were corrupt "
+                              f"(first: chunk {bad[0]}); they must be fetched again", bad)
+
     def unseal(self) -> None:
         """Move a sealed blob back to the in-progress state, before it loses a chunk (`blobs/`
         only ever holds complete blobs). The fd keeps naming the same file."""
@@ -567,6 +678,7 @@ class PartialBlob:
             log.warning("sealed blob %s is gone from blobs/", self.digest[:19])
             self.present = [False] * len(self.chunks)
             self.readable = [False] * len(self.chunks)
+            self.landed = [False] * len(self.chunks)
             self._index.mark_absent(self.digest, list(range(len(self.chunks))))
             self._old_fds += [self._fd, self._dfd]  # threads may still hold them
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -590,12 +702,14 @@ class PartialBlob:
             return 0
         if self.sealed:
             self.unseal()
-        if not self.readable[i]:
+        if not self.in_file(i):
             return 0
-        self.readable[i] = self.present[i] = False
+        unchecked = chunk.digest is None or self.landed[i]
+        self.readable[i] = self.present[i] = self.landed[i] = False
         self._done_with(self._pop_early(i))
-        if chunk.digest is None and i < self._hashed_upto:
-            # its next bytes will not be checked on their own: the seal must hash them
+        if unchecked and i < self._hashed_upto:
+            # the sealer took in bytes never checked on their own, and the next ones may
+            # differ: it must hash the chunk again
             self._restart_sealer()
         self._index.mark_absent(self.digest, [i])  # durable before the hole (index.py)
         await trio.to_thread.run_sync(punch_hole, self._fd, chunk.start, chunk.length,
@@ -607,6 +721,7 @@ class PartialBlob:
         self._index.forget(self.digest)
         self.present = [False] * len(self.chunks)
         self.readable = [False] * len(self.chunks)
+        self.landed = [False] * len(self.chunks)
         self._clear_early()
         await trio.to_thread.run_sync(_unlink_quietly, self.path, limiter=self._limiter)
 

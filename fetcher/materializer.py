@@ -57,7 +57,7 @@ import trio
 from modelfs.cache.blobcache import BlobCache
 from modelfs.cache.chunkbuf import BufferPool, ChunkBuffer
 from modelfs.cache.chunks import DEFAULT_CHUNK_SIZE
-from modelfs.cache.errors import CacheFull, ModelfsError, SealMismatch
+from modelfs.cache.errors import CacheFull, LandedChunksBad, ModelfsError, SealMismatch
 from modelfs.cache.partial import PartialBlob
 from modelfs.cache.sealedfile import SealedFile
 
@@ -731,6 +731,10 @@ class Materializer:
                 await trio.sleep(READERS_QUIET)
             await blob.seal()
             self._on_sealed(state.layer.digest)
+        except LandedChunksBad as exc:
+            # chunks a stopped pull left unchecked were corrupt: dropped, fetched when wanted
+            state.seal_error = exc
+            log.warning("sealing %s: %s", state.layer.digest[:19], exc)
         except SealMismatch as exc:
             # The chunk list lied: distrust it, refuse reads for a while, then start over.
             state.seal_error = exc

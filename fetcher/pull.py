@@ -2,11 +2,17 @@
 
 Structure: one nursery per pull. A producer walks the missing chunks of every layer in file
 order and feeds a bounded channel; `concurrency` workers each fetch a chunk (retrying temporary
-failures) and hand it to the cache's single door (`PartialBlob.write_chunk`, which verifies it);
-a separate task per chunk makes it durable and records it (`commit_chunk`, batched fsyncs).
-Chunks are taken in file order so the sealer hashes them from the buffers they were received
-into. Any final error cancels the whole pull; what was verified and recorded stays in the cache
-for the next run. The manifest is written last.
+failures) and hand it to the cache's single door (`PartialBlob.write_chunk`); a separate task
+per chunk makes it durable and records it (`commit_chunk`, batched fsyncs). Chunks are taken in
+file order so the sealer hashes them from the buffers they were received into. Any final error
+cancels the whole pull; what was recorded stays in the cache for the next run. The manifest is
+written last.
+
+Each byte is hashed once. Nobody reads a blob before a pull has sealed it, so its chunks are
+checked by the seal alone (`check_whole`, cache/partial.py), not also one by one as a mount's
+must be: on a fast link the hashing is what limits a pull, and a second sha256 of every byte
+would halve its speed. Only when the seal does not match is each chunk checked on its own; the
+corrupt ones are fetched again (checked on their own) and the blob sealed again.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from typing import Callable
 import trio
 
 from modelfs.cache.blobcache import BlobCache
-from modelfs.cache.errors import CacheFull
+from modelfs.cache.errors import CacheFull, LandedChunksBad
 from modelfs.cache.partial import PartialBlob
 
 from .client import DEFAULT_CHUNK_SIZE, ChunkPlan, RegistryClient
@@ -76,7 +82,7 @@ async def pull(name: ModelName, client: RegistryClient, cache: BlobCache, *,
                 result.cached_bytes += layer.size
                 continue
             plan = await client.chunk_plan(name, layer, chunk_size)
-            blob = cache.open_partial(layer.digest, layer.size, plan.chunks)
+            blob = cache.open_partial(layer.digest, layer.size, plan.chunks, check_whole=True)
             result.cached_bytes += blob.cached_bytes()
             result.unverified_layers += not plan.chunk_digests
             partials.append((blob, plan))
@@ -87,8 +93,14 @@ async def pull(name: ModelName, client: RegistryClient, cache: BlobCache, *,
             log.info("pulling %s: %d chunks to fetch, %d bytes already cached",
                      name, len(jobs), result.cached_bytes)
             await _fetch_all(jobs, client, concurrency, progress, result)
-        for blob, _ in partials:
-            await blob.seal()
+        for blob, plan in partials:
+            try:
+                await blob.seal()
+            except LandedChunksBad as exc:  # fetched again, each checked on its own
+                log.warning("%s", exc)
+                await _fetch_all([_Job(blob, plan, i) for i in exc.indexes], client,
+                                 concurrency, progress, result)
+                await blob.seal()
         missing = [layer.digest for layer in layers if not cache.is_sealed(layer.digest,
                                                                            layer.size)]
         if missing:
@@ -142,10 +154,16 @@ async def _fetch_all(jobs: list[_Job], client: RegistryClient, concurrency: int,
 
 async def fetch_chunk(client: RegistryClient, blob: PartialBlob, url: str, index: int):
     """Fetch chunk `index` into a buffer of the cache and put it through the cache's verifying
-    door, with retries. The chunk is verified; the caller has it written and made durable
-    (`blob.commit_chunk`), so readers can be answered before either. Returns the
-    buffer holding its bytes, with a ref the caller gives back (`blob.release_buffer`)."""
+    door, with retries. The chunk is verified (or, in a blob checked as a whole, landed for the
+    seal to check); the caller has it written and made durable (`blob.commit_chunk`), so
+    readers can be answered before either. A chunk that landed earlier is checked from the
+    file instead, and fetched only if it fails. Returns the buffer holding its bytes, with a
+    ref the caller gives back (`blob.release_buffer`)."""
     chunk = blob.chunks[index]
+    if blob.landed[index]:  # in the file already (a pull that stopped), never checked alone
+        buf = await blob.verify_landed(index)
+        if buf is not None:
+            return buf
 
     async def once():
         receiver = blob.receiver(index)

@@ -173,3 +173,37 @@ async def test_first_miss_of_a_blob_is_fetched_alone(live_registry, tmp_path):
                 nursery.cancel_scope.cancel()
     finally:
         cache.close()
+
+
+async def test_landed_chunks_are_checked_before_they_are_served(live_registry, tmp_path,
+                                                                client):
+    """A pull stopped halfway left chunks checked by nobody (LANDED), one of them damaged on
+    disk. A mount reading the blob serves the right bytes: the landed chunks are checked
+    against their own digests from the file (not fetched again), the damaged one is fetched
+    again, and the blob is sealed."""
+    from .landed import corrupt_a_landed_chunk, stopped_pull
+
+    reg = await live_registry(chunk_size=64 << 10)
+    source, imported = reg.add_model("mid", 4 << 20)
+    layer, data = imported.model, source.read_bytes()
+    cache = await stopped_pull(reg, tmp_path / "cache", client, "mid", layer.digest)
+    try:
+        chunks, present, bad = corrupt_a_landed_chunk(cache, layer.digest)
+        before = len(reg.faults.ranges(layer.digest))
+        async with trio.open_nursery() as nursery:
+            mat = Materializer(client, cache, nursery, background=False)
+            name = reg.name("mid")
+            with trio.fail_after(30):
+                for chunk in chunks:
+                    got = await mat.read(name, layer, chunk.start, chunk.length)
+                    assert got == data[chunk.start:chunk.end]
+            with trio.fail_after(10):
+                while not cache.is_sealed(layer.digest, layer.size):
+                    await trio.sleep(0.02)
+            nursery.cancel_scope.cancel()
+        again = reg.faults.ranges(layer.digest)[before:]
+        want = {f"bytes={c.start}-{c.end - 1}" for i, c in enumerate(chunks)
+                if not present[i] or i == bad}
+        assert sorted(again) == sorted(want)
+    finally:
+        cache.close()
