@@ -45,5 +45,11 @@ class LandedChunksBad(IntegrityError):
         self.indexes = indexes
 
 
+class SealInterrupted(ModelfsError):
+    """A chunk of the blob went while it was being sealed; it is sealed once complete again."""
+
+    temporary = True
+
+
 class CacheFull(ModelfsError):
     """No room for a chunk, even after evicting what could be evicted."""

@@ -26,7 +26,10 @@ from .chunks import Chunk
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = "3"
+# 4: chunks.present may be LANDED. A version-3 index has none, so it is taken as it is; a
+# modelfs that knows only 3 sets a version-4 index aside rather than serve landed chunks.
+FORMAT_VERSION = "4"
+UPGRADABLE = {"3"}
 ABSENT, VERIFIED, LANDED = 0, 1, 2  # chunks.present
 
 _SCHEMA = """
@@ -84,6 +87,8 @@ class ChunkIndex:
             row = db.execute("SELECT value FROM meta WHERE key='format'").fetchone()
             if row is None:
                 db.execute("INSERT INTO meta VALUES ('format', ?)", (FORMAT_VERSION,))
+            elif row[0] in UPGRADABLE:
+                db.execute("UPDATE meta SET value=? WHERE key='format'", (FORMAT_VERSION,))
             elif row[0] != FORMAT_VERSION:
                 raise sqlite3.DatabaseError(f"index format {row[0]!r}, expected {FORMAT_VERSION}")
             db.execute("SELECT count(*) FROM chunks").fetchone()  # touch the pages once

@@ -58,7 +58,8 @@ from .chunkbuf import BufferPool, ChunkBuffer, Receiver
 from .chunks import Chunk, check_coverage
 from .directio import load, open_direct, write_received
 from .digests import digest_hex
-from .errors import CacheFull, ChunkDigestMismatch, LandedChunksBad, SealMismatch
+from .errors import (CacheFull, ChunkDigestMismatch, LandedChunksBad, SealInterrupted,
+                     SealMismatch)
 from .index import LANDED, ChunkIndex
 from .store import fsync_dir
 
@@ -269,8 +270,7 @@ class PartialBlob:
         out of the sealer's hash if it took the old bytes in."""
         self.landed[i] = self.present[i] = False
         self._done_with(self._pop_early(i))
-        if i < self._hashed_upto:
-            self._restart_sealer()
+        self._forget_hashed(i)
 
     async def _drop_landed(self, indexes: list[int]) -> None:
         """Landed chunks that failed their own digest: absent again, their bytes (which the
@@ -280,10 +280,16 @@ class PartialBlob:
             self._done_with(self._pop_early(i))
         self._index.mark_absent(self.digest, indexes)
         for i in indexes:
+            self._forget_hashed(i)
+        for i in indexes:
             chunk = self.chunks[i]
             await trio.to_thread.run_sync(punch_hole, self._fd, chunk.start, chunk.length,
                                           limiter=self._limiter)
-        if any(i < self._hashed_upto for i in indexes):
+
+    def _forget_hashed(self, i: int) -> None:
+        """Chunk `i`'s bytes, never checked on their own, are going: if the sealer took them
+        in (or may be taking them in right now, under its lock) it starts again."""
+        if i < self._hashed_upto or (i == self._hashed_upto and self._seal_lock.locked()):
             self._restart_sealer()
 
     async def load_chunk(self, i: int) -> ChunkBuffer:
@@ -452,8 +458,11 @@ class PartialBlob:
             self._generation[i] = self._sync.wrote()
         except BaseException:
             # fetched (and kept for the sealer) again when wanted
+            unchecked = self.landed[i] or self.chunks[i].digest is None
             self.readable[i] = self.landed[i] = False
             self._done_with(self._pop_early(i))
+            if unchecked:
+                self._forget_hashed(i)
             raise
         finally:
             del self._pending[i]
@@ -534,8 +543,10 @@ class PartialBlob:
             await self._sync.wait_durable(generation)
             if self._generation[i] == generation:
                 break  # (else it was evicted and written again meanwhile: wait for that write)
-        if not self.in_file(i):
-            return  # evicted while it waited to be durable: nothing to record
+        if not self.in_file(i) or i in self._pending:
+            # evicted while it waited to be durable: nothing to record (and if it came back
+            # since, its new bytes are not written yet: their own commit records them)
+            return
         self.present[i] = True
         self._index.mark_present(self.digest, [i], verified=not self.landed[i])
 
@@ -605,6 +616,10 @@ class PartialBlob:
 
     async def _seal(self) -> pathlib.Path:
         await self._advance_sealer()
+        if self._hashed_upto < len(self.chunks) or not self.complete:
+            # a reader dropped a corrupt landed chunk meanwhile (verify_landed)
+            raise SealInterrupted(f"blob {self.digest[:19]} lost a chunk while being sealed; "
+                                  f"sealed once it is complete again")
         actual = "sha256:" + self._hasher.hexdigest()
         if actual != self.digest and any(self.landed):
             await self._check_landed(actual)  # raises
@@ -643,8 +658,10 @@ class PartialBlob:
         them again; from now on every chunk is checked on its own); returns if none did."""
         self.check_whole = False
         bad = []
-        for i, here in enumerate(self.landed):
-            if not here:
+        for i in [i for i, here in enumerate(self.landed) if here]:
+            if not self.landed[i]:  # checked meanwhile by a reader (verify_landed)
+                if not self.readable[i]:
+                    bad.append(i)  # and found corrupt
                 continue
             buf = await self.load_chunk(i)
             try:
@@ -653,6 +670,8 @@ class PartialBlob:
             finally:
                 self._pool.release(buf)
             if not self.landed[i]:
+                if not self.readable[i]:
+                    bad.append(i)
                 continue
             if ok:
                 self.landed[i], self.readable[i] = False, True
@@ -707,10 +726,10 @@ class PartialBlob:
         unchecked = chunk.digest is None or self.landed[i]
         self.readable[i] = self.present[i] = self.landed[i] = False
         self._done_with(self._pop_early(i))
-        if unchecked and i < self._hashed_upto:
+        if unchecked:
             # the sealer took in bytes never checked on their own, and the next ones may
             # differ: it must hash the chunk again
-            self._restart_sealer()
+            self._forget_hashed(i)
         self._index.mark_absent(self.digest, [i])  # durable before the hole (index.py)
         await trio.to_thread.run_sync(punch_hole, self._fd, chunk.start, chunk.length,
                                       limiter=self._limiter)

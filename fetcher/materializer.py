@@ -57,7 +57,8 @@ import trio
 from modelfs.cache.blobcache import BlobCache
 from modelfs.cache.chunkbuf import BufferPool, ChunkBuffer
 from modelfs.cache.chunks import DEFAULT_CHUNK_SIZE
-from modelfs.cache.errors import CacheFull, LandedChunksBad, ModelfsError, SealMismatch
+from modelfs.cache.errors import (CacheFull, LandedChunksBad, ModelfsError, SealInterrupted,
+                                  SealMismatch)
 from modelfs.cache.partial import PartialBlob
 from modelfs.cache.sealedfile import SealedFile
 
@@ -731,7 +732,7 @@ class Materializer:
                 await trio.sleep(READERS_QUIET)
             await blob.seal()
             self._on_sealed(state.layer.digest)
-        except LandedChunksBad as exc:
+        except (LandedChunksBad, SealInterrupted) as exc:
             # chunks a stopped pull left unchecked were corrupt: dropped, fetched when wanted
             state.seal_error = exc
             log.warning("sealing %s: %s", state.layer.digest[:19], exc)

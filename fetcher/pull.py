@@ -98,6 +98,7 @@ async def pull(name: ModelName, client: RegistryClient, cache: BlobCache, *,
                 await blob.seal()
             except LandedChunksBad as exc:  # fetched again, each checked on its own
                 log.warning("%s", exc)
+                await cache.budget.resync()  # their room was given back
                 await _fetch_all([_Job(blob, plan, i) for i in exc.indexes], client,
                                  concurrency, progress, result)
                 await blob.seal()
