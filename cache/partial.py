@@ -424,8 +424,9 @@ class PartialBlob:
         return self.seal_paused is None and not self._within_sealer_reach(i)
 
     def _within_sealer_reach(self, i: int) -> bool:
-        """Whether chunk `i` ends within EARLY_LIMIT of the sealer's position."""
-        if self._hashed_upto >= len(self.chunks):
+        """Whether chunk `i` ends within EARLY_LIMIT of the sealer's position. The chunk the
+        sealer needs next always is, however large: it waits for that very chunk."""
+        if i <= self._hashed_upto or self._hashed_upto >= len(self.chunks):
             return True
         return self.chunks[i].end - self.chunks[self._hashed_upto].start <= EARLY_LIMIT
 

@@ -350,3 +350,21 @@ async def test_stopped_pull_resumes_and_refetches_only_corrupt_landed_chunks(
         assert set(cache.index.load(layer.digest)[2]) == {1}
     finally:
         cache.close()
+
+
+async def test_chunks_larger_than_the_sealers_reach_do_not_wait_for_it(live_registry, cache,
+                                                                       client, monkeypatch):
+    """Chunks larger than the bytes kept for the sealer (EARLY_LIMIT, 48 MiB; here made small:
+    a registry's own list, or --chunk-size, may exceed it): the chunk the sealer needs next is
+    never made to wait for the sealer to come closer. It used to wait SEALER_PATIENCE for a
+    sealer that was waiting for it (31 s instead of 3 s for 2 GiB in 64 MiB chunks)."""
+    from modelfs.cache import partial
+
+    monkeypatch.setattr(partial, "EARLY_LIMIT", 64 << 10)
+    monkeypatch.setattr(partial, "SEALER_PATIENCE", 60.0)
+    reg = await live_registry(chunk_size=64 << 10)
+    _, imported = reg.add_model("wide", 2 * MiB)
+    reg.faults.add("GET", "/chunksums/", F.reply(404, b"404 page not found"))
+    with trio.fail_after(20):
+        await pull(reg.name("wide"), client, cache, chunk_size=256 << 10)
+    assert sha256_file(cache.store.blob_path(imported.model.digest)) == imported.model.digest
