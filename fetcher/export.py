@@ -461,6 +461,14 @@ http {{
         location / {{
             autoindex off;
         }}
+        # Blobs are immutable (named by their digest) and read as many Range requests, a
+        # few at a time: keeping their files open keeps one readahead state per blob, so the
+        # disk sees one stream, not a new one per chunk (a 2 GiB pull from a cold disk here:
+        # 3.12/3.16/3.60 s against 3.44/3.48/3.73 s). Not for manifests: a tag re-exported
+        # must be served at once, not from a file nginx still holds open.
+        location ~ "/blobs/sha256:[0-9a-f]{{64}}$" {{
+            open_file_cache max=64 inactive=60s;
+        }}
     }}
 }}
 """)

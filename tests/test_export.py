@@ -437,3 +437,31 @@ async def test_mount_reads_through_nginx(world, nginx):
                for r in nginx.requests())
     ranges = set(nginx.ranges(model["digest"]))
     assert ranges and ranges <= _all_chunk_ranges(model["size"], CHUNK)
+
+
+async def test_nginx_keeps_blobs_open_but_serves_a_replaced_manifest_at_once(world, nginx):
+    """The generated config caches open blob files (immutable, read in many ranges) but not
+    manifests: a tag exported again is served new on the very next request."""
+    import urllib.request
+
+    await _export(world)
+    nginx.start()
+    raw, doc = _manifest(world, "tiny:q1")
+    model = _model_layer(doc)
+    base = f"{nginx.url}/v2/library/tiny"
+    blob_url = f"{base}/blobs/{model['digest']}"
+    for _ in range(2):  # the second answer comes from the file nginx keeps open
+        request = urllib.request.Request(blob_url, headers={"Range": "bytes=0-1023"})
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            assert answer.status == 206 and len(answer.read()) == 1024
+    with urllib.request.urlopen(f"{base}/manifests/q1", timeout=10) as answer:
+        assert answer.read() == raw
+    path = world["dest"] / "v2" / "library" / "tiny" / "manifests" / "q1"
+    changed = raw.replace(b"{", b"{ ", 1)
+    spare = path.with_name("q1.new")
+    spare.write_bytes(changed)
+    spare.replace(path)  # as an export does it: a new file under the old name
+    with urllib.request.urlopen(f"{base}/manifests/q1", timeout=10) as answer:
+        assert answer.read() == changed
+    conf = (world["tmp"] / "nginx" / "nginx.conf").read_text()
+    assert "open_file_cache" in conf
