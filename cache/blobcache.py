@@ -289,9 +289,7 @@ class BlobCache:
         self.index.forget(blob.digest)
         self.index.forget_sealed(blob.digest)
         self.drop(blob)
-        blob.present = [False] * len(blob.chunks)
-        blob.readable = [False] * len(blob.chunks)
-        blob.landed = [False] * len(blob.chunks)
+        blob.forget_chunks()
         self.budget.unsealed(blob.digest, None)
         for path in (blob.path, blob.final_path):
             await trio.to_thread.run_sync(_unlink_missing_ok, path, limiter=self.limiter)

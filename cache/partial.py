@@ -234,6 +234,11 @@ class PartialBlob:
         return Receiver(self._pool.take(self.chunks[i].length),
                         hashed=self.chunks[i].digest is not None and not self.check_whole)
 
+    def forget_chunks(self) -> None:
+        """No chunk is in the file any more (the caller deals with the file and the index)."""
+        n = len(self.chunks)
+        self.present, self.readable, self.landed = [False] * n, [False] * n, [False] * n
+
     def in_file(self, i: int) -> bool:
         """Chunk `i`'s bytes are in the file (or on their way there), verified or landed."""
         return self.readable[i] or self.landed[i]
@@ -243,31 +248,41 @@ class PartialBlob:
         readable from now on and its bytes are returned (the caller releases the buffer);
         if not, it is absent again (fetch it) and None is returned; None as well when it is
         not (or no longer) a landed chunk."""
-        chunk = self.chunks[i]
-        if not self.landed[i] or self.check_whole or chunk.digest is None:
+        if not self.landed[i] or self.check_whole or self.chunks[i].digest is None:
             return None
+        buf, ok = await self._load_checked(i)
+        if not self.landed[i]:  # evicted (or checked by a seal) meanwhile
+            self._pool.release(buf)
+            return None
+        if not ok:
+            self._pool.release(buf)
+            log.warning("landed chunk %d of %s does not match its digest; fetching it again",
+                        i, self.digest[:19])
+            await self._drop_landed([i])
+            return None
+        self._mark_verified([i])
+        return buf
+
+    async def _load_checked(self, i: int) -> tuple[ChunkBuffer, bool]:
+        """Chunk `i` read back from the file (a buffer the caller releases), and whether it
+        matches its own digest."""
         buf = await self.load_chunk(i)
         try:
             actual = await trio.to_thread.run_sync(_sha256, buf, limiter=self._limiter)
         except BaseException:
             self._pool.release(buf)
             raise
-        if not self.landed[i]:  # evicted (or checked by a seal) meanwhile
-            self._pool.release(buf)
-            return None
-        if actual != chunk.digest:
-            self._pool.release(buf)
-            log.warning("landed chunk %d of %s does not match its digest; fetching it again",
-                        i, self.digest[:19])
-            await self._drop_landed([i])
-            return None
-        self.landed[i], self.readable[i] = False, True
-        self._index.mark_present(self.digest, [i])
-        return buf
+        return buf, actual == self.chunks[i].digest
+
+    def _mark_verified(self, indexes: list[int]) -> None:
+        """Landed chunks checked (on their own, or by the whole blob's digest): readable."""
+        for i in indexes:
+            self.landed[i], self.readable[i] = False, True
+        self._index.mark_present(self.digest, indexes)
 
     def _unland(self, i: int) -> None:
-        """Landed chunk `i` is to be written again (checked): not in the file until then, and
-        out of the sealer's hash if it took the old bytes in."""
+        """Landed chunk `i` is to be written again (checked), or dropped: not in the file until
+        then, and out of the sealer's hash if it took the old bytes in."""
         self.landed[i] = self.present[i] = False
         self._done_with(self._pop_early(i))
         self._forget_hashed(i)
@@ -276,11 +291,8 @@ class PartialBlob:
         """Landed chunks that failed their own digest: absent again, their bytes (which the
         sealer may have hashed) out of the file and out of its hash."""
         for i in indexes:
-            self.landed[i] = self.present[i] = False
-            self._done_with(self._pop_early(i))
+            self._unland(i)
         self._index.mark_absent(self.digest, indexes)
-        for i in indexes:
-            self._forget_hashed(i)
         for i in indexes:
             chunk = self.chunks[i]
             await trio.to_thread.run_sync(punch_hole, self._fd, chunk.start, chunk.length,
@@ -636,10 +648,8 @@ class PartialBlob:
         if not self.complete:
             raise RuntimeError(f"blob {self.digest[:19]} lost a chunk while being sealed")
         landed = [i for i, here in enumerate(self.landed) if here]
-        if landed:  # verified by the whole blob's digest
-            self._index.mark_present(self.digest, landed)
-            for i in landed:
-                self.landed[i], self.readable[i] = False, True
+        if landed:
+            self._mark_verified(landed)  # by the whole blob's digest
         os.chmod(self.path, 0o644)
         os.replace(self.path, self.final_path)
         st = os.fstat(self._fd)
@@ -660,24 +670,16 @@ class PartialBlob:
         self.check_whole = False
         bad = []
         for i in [i for i, here in enumerate(self.landed) if here]:
-            if not self.landed[i]:  # checked meanwhile by a reader (verify_landed)
-                if not self.readable[i]:
-                    bad.append(i)  # and found corrupt
-                continue
-            buf = await self.load_chunk(i)
-            try:
-                ok = await trio.to_thread.run_sync(_sha256, buf,
-                                                   limiter=self._limiter) == self.chunks[i].digest
-            finally:
+            ok = False
+            if self.landed[i]:
+                buf, ok = await self._load_checked(i)
                 self._pool.release(buf)
-            if not self.landed[i]:
-                if not self.readable[i]:
+            if self.landed[i]:
+                if ok:
+                    self._mark_verified([i])
+                else:
                     bad.append(i)
-                continue
-            if ok:
-                self.landed[i], self.readable[i] = False, True
-                self._index.mark_present(self.digest, [i])
-            else:
+            elif not self.readable[i]:  # a reader checked it meanwhile and found it corrupt
                 bad.append(i)
         if not bad:
             return  # every chunk matches its digest: the chunk list is what is wrong
@@ -696,9 +698,7 @@ class PartialBlob:
             os.replace(self.final_path, self.path)
         except FileNotFoundError:  # removed behind our back: nothing of it is on disk
             log.warning("sealed blob %s is gone from blobs/", self.digest[:19])
-            self.present = [False] * len(self.chunks)
-            self.readable = [False] * len(self.chunks)
-            self.landed = [False] * len(self.chunks)
+            self.forget_chunks()
             self._index.mark_absent(self.digest, list(range(len(self.chunks))))
             self._old_fds += [self._fd, self._dfd]  # threads may still hold them
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -739,9 +739,7 @@ class PartialBlob:
     async def discard(self) -> None:
         """Drop every byte and the index rows (the fd stays open for reads in flight)."""
         self._index.forget(self.digest)
-        self.present = [False] * len(self.chunks)
-        self.readable = [False] * len(self.chunks)
-        self.landed = [False] * len(self.chunks)
+        self.forget_chunks()
         self._clear_early()
         await trio.to_thread.run_sync(_unlink_quietly, self.path, limiter=self._limiter)
 

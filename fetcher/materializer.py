@@ -733,7 +733,8 @@ class Materializer:
             await blob.seal()
             self._on_sealed(state.layer.digest)
         except (LandedChunksBad, SealInterrupted) as exc:
-            # chunks a stopped pull left unchecked were corrupt: dropped, fetched when wanted
+            # chunks a stopped pull left unchecked were corrupt (dropped, fetched when wanted),
+            # or a reader dropped one meanwhile: sealed when complete again
             state.seal_error = exc
             log.warning("sealing %s: %s", state.layer.digest[:19], exc)
         except SealMismatch as exc:

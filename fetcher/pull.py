@@ -96,8 +96,7 @@ async def pull(name: ModelName, client: RegistryClient, cache: BlobCache, *,
         for blob, plan in partials:
             try:
                 await blob.seal()
-            except LandedChunksBad as exc:  # fetched again, each checked on its own
-                log.warning("%s", exc)
+            except LandedChunksBad as exc:  # fetched again, each checked on its own (logged)
                 await cache.budget.resync()  # their room was given back
                 await _fetch_all([_Job(blob, plan, i) for i in exc.indexes], client,
                                  concurrency, progress, result)
