@@ -118,12 +118,15 @@ class Receiver:
     calls `received(n)` after each piece; the cache's own hasher takes each piece while it is
     hot in the CPU cache. Called in the fetch thread; read by the cache once it returns."""
 
-    __slots__ = ("buf", "view", "filled", "_hasher")
+    __slots__ = ("buf", "view", "filled", "arrived", "_hasher")
 
     def __init__(self, buf: ChunkBuffer, hashed: bool = True):
         self.buf = buf
         self.view = buf.view
-        self.filled = 0
+        self.filled = 0  # bytes taken in (hashed)
+        # bytes received so far over all tries, counted by the fetch thread after each receive
+        # (a mark of progress for readers' deadlines: fetcher/deadline.py), hashed or not yet
+        self.arrived = 0
         self._hasher = hashlib.sha256() if hashed else None
 
     def received(self, upto: int) -> None:
@@ -135,7 +138,7 @@ class Receiver:
 
     def reset(self) -> None:
         """Start over (the fetcher retries on another connection)."""
-        self.filled = 0
+        self.filled = 0  # (`arrived` only ever grows: a mark of progress)
         if self._hasher is not None:
             self._hasher = hashlib.sha256()
 

@@ -605,6 +605,12 @@ class PartialBlob:
         return range(max(first, 0), last + 1)
 
     @property
+    def seal_progress(self) -> int:
+        """Chunks in the sealer's hash so far (a mark of progress for readers waiting on the
+        seal of a blob without chunk digests)."""
+        return self._hashed_upto
+
+    @property
     def sealing(self) -> bool:
         """Being sealed right now (nothing of it may be evicted or dropped)."""
         return self._sealing

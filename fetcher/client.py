@@ -123,6 +123,7 @@ def _fill(receiver, data: Pieces) -> None:
     for part in data.parts:
         view[pos:pos + len(part)] = part
         pos += len(part)
+        receiver.arrived += len(part)
         receiver.received(pos)
 
 

@@ -55,7 +55,7 @@ from typing import Callable
 import trio
 
 from modelfs.cache.blobcache import BlobCache
-from modelfs.cache.chunkbuf import BufferPool, ChunkBuffer
+from modelfs.cache.chunkbuf import BufferPool, ChunkBuffer, Receiver
 from modelfs.cache.chunks import DEFAULT_CHUNK_SIZE
 from modelfs.cache.errors import (CacheFull, LandedChunksBad, ModelfsError, SealInterrupted,
                                   SealMismatch)
@@ -63,6 +63,7 @@ from modelfs.cache.partial import PartialBlob
 from modelfs.cache.sealedfile import SealedFile
 
 from .client import RegistryClient
+from .deadline import ProgressDeadline
 from .manifest import Layer
 from .names import ModelName
 from .pull import fetch_chunk
@@ -92,10 +93,21 @@ class BlobReset(ModelfsError):
     """A blob's cached state was reset under a read (discarded or evicted): read again."""
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # (by identity: flights are kept in sets)
 class _Flight:
     done: trio.Event = dataclasses.field(default_factory=trio.Event)
     error: BaseException | None = None
+    receiver: Receiver | None = None  # of the try in progress (or the last one)
+    earlier: int = 0  # bytes received by its earlier tries
+
+    def attempt(self, receiver: Receiver) -> None:
+        """A new try receives into `receiver` (fetch_chunk tells us)."""
+        self.earlier = self.received()
+        self.receiver = receiver
+
+    def received(self) -> int:
+        """Bytes received for this chunk so far, all tries together: its progress."""
+        return self.earlier + (self.receiver.arrived if self.receiver is not None else 0)
 
 
 @dataclasses.dataclass
@@ -192,6 +204,8 @@ class Materializer:
         self._background = background
         self._on_sealed = on_sealed or (lambda digest: None)
         self._states: dict[str, _BlobState] = {}
+        self._fetching: set[_Flight] = set()  # flights whose chunk is being received
+        self._received = 0  # bytes received by the flights that ended (progress marks)
         self.fetches = 0  # chunk fetches started (statistics)
         self.loads = 0  # chunks read back from the disk for readers (statistics)
         # Called (as a task of the mount) with (blob digest, offset, chunk buffer) for each chunk
@@ -244,9 +258,11 @@ class Materializer:
     # -- reading ----------------------------------------------------------------------------
 
     async def read(self, name: ModelName, layer: Layer, offset: int, size: int, *,
-                   ahead: tuple[int, int] | None = None, whole: bool = False) -> bytes:
+                   ahead: tuple[int, int] | None = None, whole: bool = False,
+                   deadline: ProgressDeadline | None = None) -> bytes:
         """Bytes [offset, offset+size) of `layer`. `ahead`: a byte range to fetch ahead of
-        the reader; `whole`: the rest of the blob too, in the background."""
+        the reader; `whole`: the rest of the blob too, in the background. The waits for
+        fetches report their progress to `deadline` (the caller's scope: fetcher/deadline.py)."""
         if offset >= layer.size or size <= 0:
             return b""
         size = min(size, layer.size - offset)
@@ -263,7 +279,8 @@ class Materializer:
                 continue  # evicted from since: read it as a partial blob
             blob = await self._partial(state)
             try:
-                data = await self._read_partial(state, blob, offset, size, ahead, whole)
+                data = await self._read_partial(state, blob, offset, size, ahead, whole,
+                                                deadline)
             except BlobReset:
                 await trio.sleep(0)  # its state was reset under us: start over (deadline holds)
                 continue
@@ -271,10 +288,10 @@ class Materializer:
                 return data
 
     async def _read_partial(self, state: _BlobState, blob: PartialBlob, offset: int, size: int,
-                            ahead, whole) -> bytes | None:
+                            ahead, whole, deadline) -> bytes | None:
         """The bytes from an in-progress blob, or None to go round again."""
         if not blob.has_chunk_digests:
-            await self._fetch_whole(state, blob)  # servable only once sealed
+            await self._fetch_whole(state, blob, deadline)  # servable only once sealed
             return None
         # the sealer waits while readers are being served (see _readers_active)
         blob.seal_paused = lambda: self._readers_active(state)
@@ -291,7 +308,7 @@ class Materializer:
         self._budget.pin(blob.digest, chunks)
         try:
             for i in chunks:
-                await self._wait_chunk(state, i)
+                await self._wait_chunk(state, i, deadline)
             state.served = True
             if first:
                 self._want_ahead(state, blob, None, whole)
@@ -635,7 +652,8 @@ class Materializer:
                 data = None
                 if not blob.readable[i]:
                     self.fetches += 1
-                    data = await fetch_chunk(self._client, blob, url, i)
+                    self._fetching.add(flight)
+                    data = await fetch_chunk(self._client, blob, url, i, flight.attempt)
                     if (job.priority <= WINDOW or self._near_reader(state, i)) and \
                             state.partial is blob:
                         self._keep(_mkey(blob, i), data, publish=True)
@@ -651,9 +669,26 @@ class Materializer:
             flight.error = exc
             log.warning("fetching chunk %d of %s failed: %s", i, state.layer.digest[:19], exc)
         finally:
+            if flight in self._fetching:
+                self._fetching.discard(flight)
+                self._received += flight.received()
             if state.flights.get(i) is flight:
                 del state.flights[i]
             flight.done.set()
+
+    def _progress(self, flight: _Flight) -> tuple:
+        """A reader's mark of progress (fetcher/deadline.py) while it waits for `flight`: its
+        bytes received once it is being fetched; before that, while it waits its turn, the
+        bytes received by every fetch (as they move, its turn comes)."""
+        if flight in self._fetching or flight.receiver is not None:
+            return id(flight), flight.received()
+        return id(flight), "queued", self._received + sum(f.received() for f in self._fetching)
+
+    async def _wait_flight(self, flight: _Flight, deadline: ProgressDeadline | None) -> None:
+        if deadline is None:
+            await flight.done.wait()
+        else:
+            await deadline.wait(flight.done, lambda: self._progress(flight))
 
     def _keep(self, key: tuple[str, int, int], buf: ChunkBuffer, publish: bool) -> None:
         """Keep `buf` (the bytes of memory-cache `key`) for the readers about to want it,
@@ -680,7 +715,8 @@ class Materializer:
             state.completed.set()
             self._seal_soon(state, blob)
 
-    async def _wait_chunk(self, state: _BlobState, i: int) -> None:
+    async def _wait_chunk(self, state: _BlobState, i: int,
+                          deadline: ProgressDeadline | None) -> None:
         while True:
             blob = state.partial
             if blob is None:
@@ -692,11 +728,14 @@ class Materializer:
                 self._want(state, blob, i, DEMAND)
                 continue
             self._queue.push((state.layer.digest, i), DEMAND, (state, i))  # promote
-            await flight.done.wait()
+            await self._wait_flight(flight, deadline)
             if flight.error is not None and not (state.partial and state.partial.readable[i]):
                 raise flight.error
 
-    async def _fetch_whole(self, state: _BlobState, blob: PartialBlob) -> None:
+    async def _fetch_whole(self, state: _BlobState, blob: PartialBlob,
+                           deadline: ProgressDeadline | None) -> None:
+        """Every chunk of a blob without chunk digests, then its seal: servable only then
+        (invariant 1). Progress is the chunks' bytes as they arrive, then the sealer's."""
         cap = self._budget.cap
         if cap is not None and blob.size > cap:
             raise CacheFull(f"blob {blob.digest[:19]} has no chunk digests, so it is served "
@@ -706,10 +745,14 @@ class Materializer:
             for i in blob.missing():
                 self._want(state, blob, i, DEMAND)
             for i in range(len(blob.chunks)):
-                await self._wait_chunk(state, i)
+                await self._wait_chunk(state, i, deadline)
             for i in range(len(blob.chunks)):  # durable and recorded (idempotent)
                 await blob.commit_chunk(i)
-            await self._seal_soon(state, blob).wait()  # pinned until sealed
+            sealed = self._seal_soon(state, blob)  # pinned until sealed
+            if deadline is None:
+                await sealed.wait()
+            else:
+                await deadline.wait(sealed, lambda: ("seal", blob.seal_progress))
         finally:
             self._budget.unpin(blob.digest)
         if not blob.sealed:

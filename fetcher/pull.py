@@ -152,13 +152,15 @@ async def _fetch_all(jobs: list[_Job], client: RegistryClient, concurrency: int,
                     nursery.start_soon(work, receive.clone(), nursery)
 
 
-async def fetch_chunk(client: RegistryClient, blob: PartialBlob, url: str, index: int):
+async def fetch_chunk(client: RegistryClient, blob: PartialBlob, url: str, index: int,
+                      watch: Callable[[object], None] | None = None):
     """Fetch chunk `index` into a buffer of the cache and put it through the cache's verifying
     door, with retries. The chunk is verified (or, in a blob checked as a whole, landed for the
     seal to check); the caller has it written and made durable (`blob.commit_chunk`), so
     readers can be answered before either. A chunk that landed earlier is checked from the
     file instead, and fetched only if it fails. Returns the buffer holding its bytes, with a
-    ref the caller gives back (`blob.release_buffer`)."""
+    ref the caller gives back (`blob.release_buffer`). `watch` is shown each try's receiver
+    (its `arrived` bytes are the fetch's progress)."""
     chunk = blob.chunks[index]
     if blob.landed[index]:  # in the file already (a pull that stopped), never checked alone
         buf = await blob.verify_landed(index)
@@ -167,6 +169,8 @@ async def fetch_chunk(client: RegistryClient, blob: PartialBlob, url: str, index
 
     async def once():
         receiver = blob.receiver(index)
+        if watch is not None:
+            watch(receiver)
         try:
             await client.fetch_range_into(url, chunk.start, chunk.end, blob.size, receiver)
             await blob.write_chunk(index, receiver)

@@ -418,6 +418,7 @@ class RangeGetter:
         view = receiver.view
         got = len(rest)
         view[:got] = rest
+        receiver.arrived += got
         while got < length:
             if abort.aborted:
                 raise Aborted(f"{url}: fetch cancelled")
@@ -426,6 +427,7 @@ class RangeGetter:
             if n == 0:
                 raise ShortBody(f"{url}: range {start}-{end - 1} gave {got} of {length} bytes")
             got += n
+            receiver.arrived += n  # progress, for readers' deadlines
             if got - receiver.filled >= HASH_STEP:
                 receiver.received(got)
         receiver.received(got)

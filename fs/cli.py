@@ -381,7 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stay attached and log to stderr (default: run in the background and "
                    "log to <cache>/mount.log)")
     p.add_argument("--read-timeout", type=float, default=60.0, metavar="SECONDS",
-                   help="a read that cannot be served in this time fails with EIO (default 60)")
+                   help="a read whose fetches made no progress for this long fails with EIO "
+                   "(default 60); a download that moves is waited for, however long it takes")
     p.add_argument("--max-fetches", type=int, default=4, metavar="N",
                    help="chunk fetches in flight at most (default 4: enough to fill a fast link; "
                    "more help on high-latency ones)")

@@ -3,7 +3,7 @@ materializer reads. No HTTP here, no file bytes of our own: see fetcher.material
 
 Concurrency contract: pyfuse3 runs every request as a trio task on one thread; handlers change
 the tree and the handle table only between awaits, so those changes need no locks. Reads wait
-for chunks under `read_timeout` (invariant 10); every handler is wrapped by `fuse_errors`.
+for chunks until they made no progress for `read_timeout` (invariant 10); every handler is wrapped by `fuse_errors`.
 
 Prefetch (`--prefetch`): `sequential` keeps a cursor per open handle and asks for a growing
 window of chunks ahead of a sequential reader; `auto` also fetches the rest of a blob in the
@@ -24,6 +24,7 @@ import time
 import pyfuse3
 import trio
 
+from modelfs.fetcher.deadline import progress_deadline
 from modelfs.fetcher.materializer import Materializer
 from modelfs.fetcher.prefetch import Cursor, PrefetchConfig
 from modelfs.fetcher.resolver import ModelResolver
@@ -207,9 +208,10 @@ class ModelOps(pyfuse3.Operations):
             return node.data[off:off + size]
         ahead = handle.cursor.advance(off, size) if self.prefetch != "none" else None
         whole = self.prefetch == "auto"
-        with trio.fail_after(self.read_timeout):
+        # fails when what the read waits for made no progress for read_timeout (invariant 10)
+        with progress_deadline(self.read_timeout) as deadline:
             return await self.materializer.read(node.model, node.layer, off, size,
-                                                ahead=ahead, whole=whole)
+                                                ahead=ahead, whole=whole, deadline=deadline)
 
     @fuse_errors
     async def release(self, fh):

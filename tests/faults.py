@@ -205,3 +205,28 @@ def require_auth(expected: str, challenge: str) -> Action:
         await reply(401, b'{"errors":[{"code":"UNAUTHORIZED"}]}',
                     {"www-authenticate": challenge})(faults, scope, receive, send)
     return action
+
+
+def throttled(rate: int, stall_after: int | None = None, step: int = 64 << 10) -> Action:
+    """The real answer with its body sent in `step` pieces at `rate` bytes per second (per
+    request); with `stall_after`, nothing more once that many body bytes went out (the
+    connection stays open, as a stalled server's does)."""
+    async def action(faults, scope, receive, send):
+        sent = 0
+
+        async def slow(message):
+            nonlocal sent
+            if message["type"] != "http.response.body" or not message.get("body"):
+                return await send(message)
+            body = message["body"]
+            for pos in range(0, len(body), step):
+                piece = body[pos:pos + step]
+                if stall_after is not None and sent + len(piece) > stall_after:
+                    await trio.sleep_forever()
+                await send({"type": "http.response.body", "body": piece, "more_body": True})
+                sent += len(piece)
+                await trio.sleep(len(piece) / rate)
+            if not message.get("more_body", False):
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await faults.app(scope, receive, slow)
+    return action
