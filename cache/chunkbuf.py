@@ -19,8 +19,9 @@ Ownership contract (trio thread only; a filling thread only writes into a buffer
 
 from __future__ import annotations
 
-import hashlib
 import mmap
+
+from .units import UnitHasher
 
 PAGE = mmap.PAGESIZE
 _GRAIN = 1 << 20  # capacities are whole MiB, so buffers of nearby sizes are interchangeable
@@ -118,16 +119,18 @@ class Receiver:
     calls `received(n)` after each piece; the cache's own hasher takes each piece while it is
     hot in the CPU cache. Called in the fetch thread; read by the cache once it returns."""
 
-    __slots__ = ("buf", "view", "filled", "arrived", "_hasher")
+    __slots__ = ("buf", "view", "filled", "arrived", "_hasher", "_chunk")
 
-    def __init__(self, buf: ChunkBuffer, hashed: bool = True):
+    def __init__(self, buf: ChunkBuffer, hashed: bool = True, chunk=None):
         self.buf = buf
         self.view = buf.view
         self.filled = 0  # bytes taken in (hashed)
         # bytes received so far over all tries, counted by the fetch thread after each receive
         # (a mark of progress for readers' deadlines: fetcher/deadline.py), hashed or not yet
         self.arrived = 0
-        self._hasher = hashlib.sha256() if hashed else None
+        # a fetch unit of several registry chunks is hashed chunk by chunk (units.py)
+        self._chunk = chunk
+        self._hasher = UnitHasher(chunk) if hashed else None
 
     def received(self, upto: int) -> None:
         if upto <= self.filled:
@@ -140,7 +143,7 @@ class Receiver:
         """Start over (the fetcher retries on another connection)."""
         self.filled = 0  # (`arrived` only ever grows: a mark of progress)
         if self._hasher is not None:
-            self._hasher = hashlib.sha256()
+            self._hasher = UnitHasher(self._chunk)
 
     def digest(self) -> str | None:
-        return None if self._hasher is None else "sha256:" + self._hasher.hexdigest()
+        return None if self._hasher is None else self._hasher.result()

@@ -27,6 +27,8 @@ class Chunk:
     start: int
     end: int  # exclusive
     digest: str | None  # sha256:<hex>, or None when the registry gave no chunk digests
+    # A fetch unit of several registry chunks: their lengths and digests, packed (units.py)
+    parts: bytes | None = None
 
     @property
     def length(self) -> int:

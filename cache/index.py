@@ -28,8 +28,11 @@ log = logging.getLogger(__name__)
 
 # 4: chunks.present may be LANDED. A version-3 index has none, so it is taken as it is; a
 # modelfs that knows only 3 sets a version-4 index aside rather than serve landed chunks.
-FORMAT_VERSION = "4"
-UPGRADABLE = {"3"}
+# 5: a row is a fetch unit (units.py), with the registry chunks it groups in chunks.parts. A
+# 3 or 4 index gets the column (NULL: a unit of one chunk, which all its rows are); a modelfs
+# that knows only 4 sets a version-5 index aside rather than take a unit's digest for a chunk's.
+FORMAT_VERSION = "5"
+UPGRADABLE = {"3", "4"}
 ABSENT, VERIFIED, LANDED = 0, 1, 2  # chunks.present
 
 _SCHEMA = """
@@ -53,6 +56,7 @@ CREATE TABLE IF NOT EXISTS chunks (
     chunk_digest TEXT,
     present INTEGER NOT NULL DEFAULT 0,  -- 0 absent, 1 verified, 2 landed (see mark_present)
     last_access REAL NOT NULL DEFAULT 0,
+    parts BLOB,  -- a unit's registry chunks (units.py), NULL for a unit of one
     PRIMARY KEY (digest, idx)
 ) WITHOUT ROWID;
 """
@@ -88,6 +92,9 @@ class ChunkIndex:
             if row is None:
                 db.execute("INSERT INTO meta VALUES ('format', ?)", (FORMAT_VERSION,))
             elif row[0] in UPGRADABLE:
+                columns = {r[1] for r in db.execute("PRAGMA table_info(chunks)")}
+                if "parts" not in columns:
+                    db.execute("ALTER TABLE chunks ADD COLUMN parts BLOB")
                 db.execute("UPDATE meta SET value=? WHERE key='format'", (FORMAT_VERSION,))
             elif row[0] != FORMAT_VERSION:
                 raise sqlite3.DatabaseError(f"index format {row[0]!r}, expected {FORMAT_VERSION}")
@@ -106,11 +113,11 @@ class ChunkIndex:
         if row is None:
             return None
         rows = self._db.execute(
-            'SELECT idx, start, "end", chunk_digest, present FROM chunks WHERE digest=? '
+            'SELECT idx, start, "end", chunk_digest, present, parts FROM chunks WHERE digest=? '
             "ORDER BY idx", (digest,)).fetchall()
         if [r[0] for r in rows] != list(range(len(rows))):
             return None
-        chunks = [Chunk(r[1], r[2], r[3]) for r in rows]
+        chunks = [Chunk(r[1], r[2], r[3], r[5]) for r in rows]
         return row[0], chunks, [r[4] for r in rows]
 
     def replace(self, digest: str, size: int, chunks: list[Chunk]) -> None:
@@ -120,8 +127,9 @@ class ChunkIndex:
             self._db.execute("INSERT OR REPLACE INTO blobs VALUES (?, ?, ?)",
                              (digest, size, time.time()))
             self._db.executemany(
-                'INSERT INTO chunks (digest, idx, start, "end", chunk_digest) VALUES (?,?,?,?,?)',
-                [(digest, i, c.start, c.end, c.digest) for i, c in enumerate(chunks)])
+                'INSERT INTO chunks (digest, idx, start, "end", chunk_digest, parts) '
+                "VALUES (?,?,?,?,?,?)",
+                [(digest, i, c.start, c.end, c.digest, c.parts) for i, c in enumerate(chunks)])
 
     def mark_present(self, digest: str, indexes: list[int], verified: bool = True) -> None:
         """Durable in the blob file: VERIFIED (its own digest or the whole blob's matched), or

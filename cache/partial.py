@@ -62,6 +62,7 @@ from .errors import (CacheFull, ChunkDigestMismatch, LandedChunksBad, SealInterr
                      SealMismatch)
 from .index import LANDED, ChunkIndex
 from .store import fsync_dir
+from .units import digest_of, part_lengths
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +75,6 @@ PENDING_LIMIT = 64 << 20
 SEALER_PATIENCE = 1.0
 
 
-def _sha256(data) -> str:
-    h = hashlib.sha256()
-    feed(h, data)
-    return "sha256:" + h.hexdigest()
 
 
 def pread_exact(fd: int, length: int, offset: int) -> bytes:
@@ -132,11 +129,11 @@ class GroupSync:
                 self._running = None
 
 
-def _verify_and_feed(data, digest: str | None, hasher) -> str | None:
+def _verify_and_feed(data, chunk: Chunk, hasher) -> str | None:
     """sha256 of a chunk (when it has a digest) and, if it matches, the same bytes into the
     whole-blob hasher: one thread trip, the bytes hot in the CPU cache for both."""
-    actual = _sha256(data) if digest is not None else None
-    if actual == digest:
+    actual = digest_of(chunk, data) if chunk.digest is not None else None
+    if actual == chunk.digest:
         feed(hasher, data)
     return actual
 
@@ -231,8 +228,9 @@ class PartialBlob:
         """A buffer to receive chunk `i` into, hashed by us as it arrives; give it to
         `write_chunk`. The caller holds the buffer's first ref and releases it
         (`release_buffer`)."""
-        return Receiver(self._pool.take(self.chunks[i].length),
-                        hashed=self.chunks[i].digest is not None and not self.check_whole)
+        chunk = self.chunks[i]
+        return Receiver(self._pool.take(chunk.length), chunk=chunk,
+                        hashed=chunk.digest is not None and not self.check_whole)
 
     def forget_chunks(self) -> None:
         """No chunk is in the file any more (the caller deals with the file and the index)."""
@@ -268,7 +266,8 @@ class PartialBlob:
         matches its own digest."""
         buf = await self.load_chunk(i)
         try:
-            actual = await trio.to_thread.run_sync(_sha256, buf, limiter=self._limiter)
+            actual = await trio.to_thread.run_sync(digest_of, self.chunks[i], buf,
+                                                   limiter=self._limiter)
         except BaseException:
             self._pool.release(buf)
             raise
@@ -367,17 +366,19 @@ class PartialBlob:
             async with self._seal_lock:
                 if i == self._hashed_upto:
                     actual = await trio.to_thread.run_sync(
-                        _verify_and_feed, data, chunk.digest, self._hasher, limiter=self._limiter)
+                        _verify_and_feed, data, chunk, self._hasher, limiter=self._limiter)
                     checked = True
                     fed = actual == chunk.digest
                     if fed:
                         self._hashed_upto = i + 1
         if not checked and chunk.digest is not None:
-            actual = await trio.to_thread.run_sync(_sha256, data, limiter=self._limiter)
+            actual = await trio.to_thread.run_sync(digest_of, chunk, data, limiter=self._limiter)
         if actual != chunk.digest and not unchecked:
+            what = "its digest" if chunk.parts is None else \
+                f"the digests of its {len(part_lengths(chunk))} registry chunks"
             raise ChunkDigestMismatch(
                 f"chunk {i} ({chunk.start}-{chunk.end - 1}) of {self.digest[:19]}...: "
-                f"sha256 {actual[7:19]}... does not match its digest {chunk.digest[7:19]}...")
+                f"sha256 {actual[7:19]}... does not match {what}")
         if self.landed[i] and not unchecked:
             self._unland(i)  # checked bytes take the place of the unchecked ones
         if self.in_file(i):

@@ -25,6 +25,7 @@ import trio
 
 from modelfs.cache.buffers import Pieces
 from modelfs.cache.chunks import DEFAULT_CHUNK_SIZE, Chunk, fixed_chunks
+from modelfs.cache.units import FETCH_UNIT, group_units
 
 from . import __version__
 from .chunksums import MAX_CHUNKSUMS_BYTES, parse_chunksums
@@ -64,6 +65,8 @@ class ClientConfig:
     read_timeout: float = 30.0  # also the stall timeout: no byte for this long is a failure
     pool_timeout: float = 60.0
     max_connections: int = 16
+    # the registry's small chunks are fetched together, in units of up to this many bytes
+    fetch_unit: int = FETCH_UNIT
     retry: RetryPolicy = RetryPolicy()
     username: str | None = None
     password: str | None = None
@@ -78,7 +81,7 @@ class ClientConfig:
 @dataclasses.dataclass(frozen=True)
 class ChunkPlan:
     url: str
-    chunks: list[Chunk]
+    chunks: list[Chunk]  # fetch units (cache/units.py): the registry's chunks, grouped
     chunk_digests: bool  # False: client-chosen ranges, servable only after the seal
 
 
@@ -293,8 +296,10 @@ class RegistryClient:
             if response.status_code != 200:
                 raise ProtocolViolation(f"{url}: unexpected status {response.status_code}")
             location = response.headers.get("content-location") or blob_url
-            return ChunkPlan(urllib.parse.urljoin(str(response.url), location),
-                             parse_chunksums(body, layer.size), True)
+            # (a long list takes a while to parse and group: not on the loop)
+            units = await trio.to_thread.run_sync(self._units, body, layer.size) \
+                if len(body) > 64 << 10 else self._units(body, layer.size)
+            return ChunkPlan(urllib.parse.urljoin(str(response.url), location), units, True)
 
         try:
             return await retrying(once, self.config.retry, f"chunksums of {layer.digest[:19]}")
@@ -302,6 +307,9 @@ class RegistryClient:
             log.info("registry %s has no chunksums for %s; using %d-byte ranges, verified as a "
                      "whole blob", name.base_url, layer.digest[:19], chunk_size)
             return ChunkPlan(blob_url, fixed_chunks(layer.size, chunk_size), False)
+
+    def _units(self, body: bytes, size: int) -> list[Chunk]:
+        return group_units(parse_chunksums(body, size), self.config.fetch_unit)
 
     async def fetch_range_into(self, url: str, start: int, end: int, blob_size: int | None,
                                receiver) -> None:

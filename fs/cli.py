@@ -21,11 +21,12 @@ import time
 import trio
 
 from modelfs.cache.chunks import DEFAULT_CHUNK_SIZE, MAX_CHUNK_BYTES
+from modelfs.cache.units import FETCH_UNIT
 from modelfs.cache.errors import ModelfsError
 from modelfs.fetcher import __version__
 
 from .ops import PREFETCH_MODES
-from .sizes import format_size, size_arg
+from .sizes import format_size, size_arg, size_or_zero_arg
 
 log = logging.getLogger("modelfs")
 
@@ -182,6 +183,7 @@ def cmd_pull(args) -> int:
     name = parse_name(args.name, registry)
     if args.chunk_size > MAX_CHUNK_BYTES:
         raise UsageError(f"--chunk-size must be at most {MAX_CHUNK_BYTES >> 20}M")
+    _check_fetch_unit(args)
     label = f"pulling {name.short(registry.host)}"
     progress = _BarProgress(label) if sys.stderr.isatty() else _LogProgress(label)
     started = time.monotonic()
@@ -189,7 +191,8 @@ def cmd_pull(args) -> int:
     async def main():
         cache = BlobCache(args.cache, cap=args.cache_max, min_free=args.min_free)
         try:
-            config = ClientConfig.from_env(max_connections=max(args.concurrency, 4))
+            config = ClientConfig.from_env(max_connections=max(args.concurrency, 4),
+                                           fetch_unit=args.fetch_unit)
             async with RegistryClient(config) as client:
                 return await pull(name, client, cache, concurrency=args.concurrency,
                                   chunk_size=args.chunk_size, progress=progress,
@@ -222,12 +225,14 @@ def cmd_mount(args) -> int:
     registry = Registry.from_url(args.registry)
     for text in args.model:
         parse_name(text, registry)  # refuse bad names before anything is mounted
+    _check_fetch_unit(args)
     opts = MountOptions(mountpoint=args.mountpoint.resolve(), cache=args.cache.resolve(),
                         registry=registry, models=list(args.model),
                         read_timeout=args.read_timeout, allow_other=args.allow_other,
                         max_fetches=args.max_fetches, max_inflight=args.max_inflight,
                         prefetch=args.prefetch, readahead=args.readahead,
-                        cache_max=args.cache_max, min_free=args.min_free)
+                        cache_max=args.cache_max, min_free=args.min_free,
+                        fetch_unit=args.fetch_unit)
     if args.foreground:
         return run_foreground(opts)
     return run_background(opts, opts.cache / "mount.log")
@@ -321,6 +326,18 @@ def _budget_args(p: argparse.ArgumentParser) -> None:
                    help="keep at least SIZE free on the cache's filesystem, evicting sooner")
 
 
+def _fetch_unit_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fetch-unit", type=size_or_zero_arg, default=FETCH_UNIT, metavar="SIZE",
+                   help="the registry's chunks smaller than this are fetched together, in "
+                   "range requests of up to SIZE, each chunk still verified on its own "
+                   "(default 4M; 0: one request per chunk)")
+
+
+def _check_fetch_unit(args) -> None:
+    if args.fetch_unit and not 64 << 10 <= args.fetch_unit <= MAX_CHUNK_BYTES:
+        raise UsageError(f"--fetch-unit must be 0 or between 64K and {MAX_CHUNK_BYTES >> 20}M")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="modelfs", description="Mount models from an Ollama-compatible registry as lazily "
@@ -368,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "high-latency ones)")
     p.add_argument("--chunk-size", type=size_arg, default=DEFAULT_CHUNK_SIZE, metavar="SIZE",
                    help="range size when the registry has no chunk list (default 8M)")
+    _fetch_unit_arg(p)
     _budget_args(p)
     p.set_defaults(func=cmd_pull)
 
@@ -398,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "large sequential reads and mmap arrive as 1 MiB requests")
     p.add_argument("--allow-other", action="store_true",
                    help="let other users read the mount (e.g. an ollama service user)")
+    _fetch_unit_arg(p)
     _budget_args(p)
     p.set_defaults(func=cmd_mount)
 

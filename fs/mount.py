@@ -22,6 +22,7 @@ import trio
 
 from modelfs.cache.blobcache import BlobCache
 from modelfs.cache.errors import ModelfsError
+from modelfs.cache.units import FETCH_UNIT
 from modelfs.fetcher.client import ClientConfig, RegistryClient
 from modelfs.fetcher.groups import first_error
 from modelfs.fetcher.materializer import Materializer
@@ -53,6 +54,7 @@ class MountOptions:
     readahead: int = 4 << 20
     cache_max: int | None = None
     min_free: int | None = None
+    fetch_unit: int = FETCH_UNIT
 
 
 # -- the kernel's view of mounts ------------------------------------------------------------
@@ -231,7 +233,10 @@ async def serve_mount(opts: MountOptions, ready) -> None:
                       background_seal=True)
     state = {"mounted": False}
     try:
-        async with RegistryClient(ClientConfig.from_env()) as client:
+        # a unit's bytes are held whole while in flight: never more than a fetch's share of
+        # the in-flight budget (invariant 8), whatever --fetch-unit says
+        unit = min(opts.fetch_unit, opts.max_inflight // max(1, opts.max_fetches))
+        async with RegistryClient(ClientConfig.from_env(fetch_unit=unit)) as client:
             with first_error():
                 async with trio.open_nursery() as nursery:
                     await _serve(opts, cache, client, nursery, ready, state)

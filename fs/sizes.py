@@ -21,13 +21,18 @@ def parse_size(text: str) -> int:
 
 def size_arg(text: str) -> int:
     """argparse `type=` for sizes; must be positive."""
-    try:
-        value = parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    value = size_or_zero_arg(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
     return value
+
+
+def size_or_zero_arg(text: str) -> int:
+    """argparse `type=` for sizes where 0 means "none" (`--fetch-unit 0`)."""
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def format_size(n: float) -> str:

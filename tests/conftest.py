@@ -78,3 +78,14 @@ def cache(tmp_path):
 async def client():
     async with RegistryClient(ClientConfig(retry=FAST_RETRY, read_timeout=5)) as c:
         yield c
+
+
+# The registry's chunks fetched one by one (`--fetch-unit 0`), as any registry of chunks of
+# FETCH_UNIT or more is: for tests of what happens to one chunk, on lists of small chunks.
+PER_CHUNK = ClientConfig(retry=FAST_RETRY, read_timeout=5, fetch_unit=0)
+
+
+@pytest.fixture
+async def chunk_client():
+    async with RegistryClient(PER_CHUNK) as c:
+        yield c

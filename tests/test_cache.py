@@ -377,11 +377,13 @@ async def test_a_reader_dropping_a_corrupt_landed_chunk_during_a_seal_blames_the
         cache.close()
 
 
-@pytest.mark.parametrize("found, kept", [("3", True), ("2", False)])
+@pytest.mark.parametrize("found, kept", [("3", True), ("4", True), ("2", False)])
 async def test_an_older_index_is_upgraded_or_set_aside(tmp_path, found, kept):
-    """A version-3 index cannot hold LANDED chunks: it is taken as it is (and marked 4, so a
-    modelfs that knows only 3 sets it aside instead of serving landed chunks as verified).
-    Anything else unknown is set aside: the cache starts cold."""
+    """A version-3 index cannot hold LANDED chunks, a version-4 one no fetch units: either is
+    taken as it is, given the units' column (its rows are units of one chunk each) and marked
+    5, so a modelfs that knows only 3 or 4 sets it aside instead of serving landed chunks as
+    verified or taking a unit's digest for a chunk's. Anything else unknown is set aside: the
+    cache starts cold."""
     import sqlite3
 
     cache = BlobCache(tmp_path / "c", sync_interval=0.01)
@@ -391,10 +393,12 @@ async def test_an_older_index_is_upgraded_or_set_aside(tmp_path, found, kept):
     cache.close()
     with sqlite3.connect(tmp_path / "c" / "index.sqlite") as db:
         db.execute("UPDATE meta SET value=? WHERE key='format'", (found,))
+        db.execute("ALTER TABLE chunks DROP COLUMN parts")  # as formats up to 4 had it
     cache = BlobCache(tmp_path / "c", sync_interval=0.01)
     try:
         blob = cache.open_partial(DIGEST, SIZE, CHUNKS)
         assert blob.missing() == ([1, 2, 3, 4, 6, 7, 8, 9] if kept else list(range(10)))
-        assert cache.index.get_meta("format") == "4"
+        assert cache.index.get_meta("format") == "5"
+        assert cache.index.load(DIGEST)[1] == CHUNKS
     finally:
         cache.close()

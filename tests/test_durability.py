@@ -17,6 +17,9 @@ import time
 import pytest
 import trio
 
+from modelfs.cache.chunks import Chunk
+from modelfs.cache.units import digest_of
+
 from .conftest import sha256_file
 from .mounting import MODELFS, Mount, fuse_available
 
@@ -40,7 +43,7 @@ def cache_bytes_on_disk(cache) -> int:
 def check_recorded_chunks(cache, digest) -> set[str]:
     """Every chunk the index calls present has exactly its digest's bytes; returns them."""
     with sqlite3.connect(cache / "index.sqlite") as db:
-        rows = db.execute('SELECT start, "end", chunk_digest, present FROM chunks '
+        rows = db.execute('SELECT start, "end", chunk_digest, present, parts FROM chunks '
                           "WHERE digest=?", (digest,)).fetchall()
         sealed = db.execute("SELECT 1 FROM sealed WHERE digest=?", (digest,)).fetchone()
     path = (cache / "blobs" / ("sha256-" + digest[7:])) if sealed else \
@@ -49,10 +52,10 @@ def check_recorded_chunks(cache, digest) -> set[str]:
     if not rows:
         return present
     with open(path, "rb") as f:
-        for start, end, chunk_digest, here in rows:
+        for start, end, chunk_digest, here, parts in rows:
             if here:
                 f.seek(start)
-                got = "sha256:" + hashlib.sha256(f.read(end - start)).hexdigest()
+                got = digest_of(Chunk(start, end, chunk_digest, parts), f.read(end - start))
                 assert got == chunk_digest, f"chunk {start}-{end - 1} recorded but wrong"
                 present.add(f"bytes={start}-{end - 1}")
     return present
@@ -203,7 +206,9 @@ def test_garbage_index_is_a_cold_cache_not_an_error(tmp_path):
 
 
 def test_status_matches_disk_and_evict_is_refused_while_mounted(tmp_path):
-    source, server, m = _serve_and_mount(tmp_path, 3 << 20, "--prefetch", "none")
+    # (a chunk at a time: a unit would be the whole model, sealed at once)
+    source, server, m = _serve_and_mount(tmp_path, 3 << 20, "--prefetch", "none",
+                                         "--fetch-unit", "0")
     try:
         m.start()
         path = m.path / "m:1" / "model.gguf"

@@ -16,6 +16,7 @@ import time
 import pytest
 
 from modelfs.cache.errors import ModelfsError
+from modelfs.cache.units import FETCH_UNIT
 from modelfs.fetcher import export as export_mod
 from modelfs.fetcher.export import ExportError, ExportIncomplete, export_tree
 
@@ -397,7 +398,8 @@ async def test_pull_from_nginx_uses_chunksums(world, nginx):
     assert [(r["path"], r["status"]) for r in chunksums] == \
         [(f"/v2/library/tiny/chunksums/{model['digest']}", "200")]
     ranges = nginx.ranges(model["digest"])
-    assert set(ranges) == _all_chunk_ranges(model["size"], CHUNK)  # the exported chunk sizes
+    # the exported 1 MiB chunks, fetched in units of four (cache/units.py)
+    assert set(ranges) == _all_chunk_ranges(model["size"], FETCH_UNIT)
     assert len(ranges) == len(set(ranges))
     blob_gets = [r for r in requests if "/blobs/" in r["path"]]
     assert all(r["status"] == "206" and r["range"] != "-" for r in blob_gets)
@@ -436,7 +438,7 @@ async def test_mount_reads_through_nginx(world, nginx):
     assert any("/chunksums/" + model["digest"] in r["path"] and r["status"] == "200"
                for r in nginx.requests())
     ranges = set(nginx.ranges(model["digest"]))
-    assert ranges and ranges <= _all_chunk_ranges(model["size"], CHUNK)
+    assert ranges and ranges <= _all_chunk_ranges(model["size"], FETCH_UNIT)
 
 
 async def test_nginx_keeps_blobs_open_but_serves_a_replaced_manifest_at_once(world, nginx):

@@ -9,7 +9,7 @@ from modelfs.fetcher.client import ClientConfig, RegistryClient
 from modelfs.fetcher.materializer import Materializer
 
 from . import faults as F
-from .conftest import FAST_RETRY
+from .conftest import FAST_RETRY, PER_CHUNK
 
 
 async def test_blob_that_failed_its_seal_is_fetched_again_and_served(live_registry, tmp_path):
@@ -157,7 +157,7 @@ async def test_first_miss_of_a_blob_is_fetched_alone(live_registry, tmp_path):
     reg.faults.delay = 0.05
     cache = BlobCache(tmp_path / "cache", sync_interval=0.01)
     try:
-        async with RegistryClient(ClientConfig(retry=FAST_RETRY)) as client:
+        async with RegistryClient(PER_CHUNK) as client:
             async with trio.open_nursery() as nursery:
                 mat = Materializer(client, cache, nursery)
                 name = reg.name("first")
@@ -176,7 +176,7 @@ async def test_first_miss_of_a_blob_is_fetched_alone(live_registry, tmp_path):
 
 
 async def test_landed_chunks_are_checked_before_they_are_served(live_registry, tmp_path,
-                                                                client):
+                                                                chunk_client):
     """A pull stopped halfway left chunks checked by nobody (LANDED), one of them damaged on
     disk. A mount reading the blob serves the right bytes: the landed chunks are checked
     against their own digests from the file (not fetched again), the damaged one is fetched
@@ -186,12 +186,12 @@ async def test_landed_chunks_are_checked_before_they_are_served(live_registry, t
     reg = await live_registry(chunk_size=64 << 10)
     source, imported = reg.add_model("mid", 4 << 20)
     layer, data = imported.model, source.read_bytes()
-    cache = await stopped_pull(reg, tmp_path / "cache", client, "mid", layer.digest)
+    cache = await stopped_pull(reg, tmp_path / "cache", chunk_client, "mid", layer.digest)
     try:
         chunks, present, bad = corrupt_a_landed_chunk(cache, layer.digest)
         before = len(reg.faults.ranges(layer.digest))
         async with trio.open_nursery() as nursery:
-            mat = Materializer(client, cache, nursery, background=False)
+            mat = Materializer(chunk_client, cache, nursery, background=False)
             name = reg.name("mid")
             with trio.fail_after(30):
                 for chunk in chunks:

@@ -117,9 +117,13 @@ def test_tree_sizes_and_bytes(world):
     assert promoted.read_bytes() == raw
 
 
-def test_cold_read_fetches_only_covering_chunks(world):
-    m = world["mount"]("--prefetch", "none")
+@pytest.mark.parametrize("unit", [0, 4 * MiB])
+def test_cold_read_fetches_only_covering_chunks(world, unit):
+    """A read fetches the chunk under it; with fetch units (the default), the unit of the
+    registry's chunks it falls in, in one request."""
+    m = world["mount"]("--prefetch", "none", "--fetch-unit", str(unit))
     model = digest_of(world)
+    covering = CHUNK if unit == 0 else unit
     path = m.path / "tiny:q1" / "model.gguf"
     with open(path, "rb") as f:
         f.seek(3 * MiB + 100)
@@ -128,11 +132,11 @@ def test_cold_read_fetches_only_covering_chunks(world):
         f.seek(3 * MiB + 100)
         assert data == f.read(1000)
     fetched = set(world["server"].ranges(model["digest"]))
-    assert chunk_range(3, CHUNK, model["size"]) in fetched
+    assert chunk_range((3 * MiB) // covering, covering, model["size"]) in fetched
     assert len(fetched) <= 2  # the covering chunk (and at most the kernel's readahead)
     time.sleep(1.1)  # attributes are cached for a second
     assert path.stat().st_blocks * 512 == int(os.getxattr(path, "user.modelfs.cached"))
-    assert CHUNK <= path.stat().st_blocks * 512 <= 2 * CHUNK
+    assert covering <= path.stat().st_blocks * 512 <= 2 * covering
 
 
 def test_cold_first_mib_of_a_1gib_model(tmp_path):
@@ -198,7 +202,7 @@ def test_gguf_reader_preads_and_mmap(world):
 
 
 def test_concurrent_readers_of_one_cold_chunk_fetch_it_once(world):
-    m = world["mount"]("--prefetch", "none")
+    m = world["mount"]("--prefetch", "none", "--fetch-unit", "0")
     model = digest_of(world)
     path = m.path / "tiny:q1" / "model.gguf"
     path.stat()
@@ -271,7 +275,7 @@ def test_registry_down_cold_read_fails_in_time_cached_reads_work(world):
 
 
 def test_wrong_bytes_are_never_served(world):
-    m = world["mount"]("--read-timeout", "20", "--prefetch", "none")
+    m = world["mount"]("--read-timeout", "20", "--prefetch", "none", "--fetch-unit", "0")
     model = digest_of(world)
     blob = world["models"] / "blobs" / ("sha256-" + model["digest"][7:])
     path = m.path / "tiny:q1" / "model.gguf"
@@ -335,7 +339,7 @@ def test_unmount_sigterm_and_stale_mount_after_sigkill(world):
 
 
 def test_cached_chunks_survive_a_remount(world):
-    m = world["mount"]("--model", "tiny:q1")
+    m = world["mount"]("--model", "tiny:q1", "--fetch-unit", "0")
     model = digest_of(world)
     path = m.path / "tiny:q1" / "model.gguf"
     with open(path, "rb") as f:

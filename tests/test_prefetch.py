@@ -33,7 +33,8 @@ async def test_sequential_reader_finds_next_chunk_already_requested(live_registr
     # Eight fetches may be in flight (the default is four): the reader here takes each chunk
     # the moment it lands, so with four the next request races the reader's next read, and the
     # recording server (in this process, under the suite's load) can see it a moment late.
-    m = await _mount(reg, tmp_path, "--prefetch", "sequential", "--max-fetches", "8")
+    m = await _mount(reg, tmp_path, "--prefetch", "sequential", "--max-fetches", "8",
+                     "--fetch-unit", "0")  # the window in chunks, one request each
     try:
         path = m.path / "seq:latest" / "model.gguf"
         fd = await trio.to_thread.run_sync(os.open, path, os.O_RDONLY | os.O_DIRECT)
@@ -59,7 +60,7 @@ async def test_sequential_reader_finds_next_chunk_already_requested(live_registr
 async def test_open_model_is_completed_in_the_background(live_registry, tmp_path):
     reg = await live_registry(chunk_size=CHUNK)
     source, imported = reg.add_model("bg", 40 * CHUNK)
-    m = await _mount(reg, tmp_path)  # --prefetch auto
+    m = await _mount(reg, tmp_path, "--fetch-unit", "0")  # --prefetch auto, a GET a chunk
     try:
         path = m.path / "bg:latest" / "model.gguf"
 

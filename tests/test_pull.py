@@ -9,6 +9,7 @@ import trio
 
 from modelfs.cache.chunks import BadChunkList
 from modelfs.cache.errors import ChunkDigestMismatch, SealMismatch
+from modelfs.cache.units import digest_of
 from modelfs.fetcher.errors import BadManifest, NotFound, ProtocolViolation, ShortBody
 from modelfs.fetcher.client import user_agent
 from modelfs.fetcher.pull import pull
@@ -33,7 +34,7 @@ def assert_cache_clean_of(cache, digest):
         for chunk, here in zip(chunks, present):
             if here:
                 f.seek(chunk.start)
-                assert "sha256:" + hashlib.sha256(f.read(chunk.length)).hexdigest() == chunk.digest
+                assert digest_of(chunk, f.read(chunk.length)) == chunk.digest
 
 
 def manifest_of(cache, name):
@@ -74,11 +75,11 @@ async def test_round_trip_matches_source_and_ollama_layout(live_registry, cache,
     assert [s.path for s in reg.faults.seen[before:]] == ["/v2/library/tiny/manifests/q1"]
 
 
-async def test_many_chunks_fetched_concurrently_each_once(live_registry, cache, client):
+async def test_many_chunks_fetched_concurrently_each_once(live_registry, cache, chunk_client):
     reg = await live_registry(chunk_size=64 << 10)
     _, imported = reg.add_model("big", 3 * MiB)
     reg.faults.delay = 0.01  # keep requests overlapping so concurrency is visible
-    await pull(reg.name("big"), client, cache, concurrency=8, chunk_size=64 << 10)
+    await pull(reg.name("big"), chunk_client, cache, concurrency=8, chunk_size=64 << 10)
     model = imported.model
     ranges = reg.faults.ranges(model.digest)
     n_chunks = -(-model.size // (64 << 10))
@@ -88,7 +89,7 @@ async def test_many_chunks_fetched_concurrently_each_once(live_registry, cache, 
     assert sha256_file(cache.store.blob_path(model.digest)) == model.digest
 
 
-async def test_temporary_failures_are_retried(live_registry, cache, client):
+async def test_temporary_failures_are_retried(live_registry, cache, chunk_client):
     reg = await live_registry(chunk_size=64 << 10)
     _, imported = reg.add_model("flaky", 1 * MiB)
     d = imported.model.digest
@@ -97,7 +98,7 @@ async def test_temporary_failures_are_retried(live_registry, cache, client):
     reg.faults.add("GET", d, F.reset_mid_body(), times=2, range="bytes=65536-131071")
     reg.faults.add("GET", d, F.reply(429, b"", {"retry-after": "0"}), times=1,
                    range="bytes=0-65535")
-    await pull(reg.name("flaky"), client, cache, chunk_size=64 << 10)
+    await pull(reg.name("flaky"), chunk_client, cache, chunk_size=64 << 10)
     assert sha256_file(cache.store.blob_path(d)) == d
     assert reg.faults.ranges(d).count("bytes=65536-131071") == 3
     statuses = [s.status for s in reg.faults.seen if s.path.endswith("/manifests/latest")]
@@ -128,13 +129,13 @@ async def test_unknown_model_is_not_found(live_registry, cache, client):
     (F.without_range, ProtocolViolation),
     (F.short_body, ShortBody),
 ])
-async def test_bad_chunk_answers_are_refused(live_registry, cache, client, fault, error):
+async def test_bad_chunk_answers_are_refused(live_registry, cache, chunk_client, fault, error):
     reg = await live_registry(chunk_size=64 << 10)
     _, imported = reg.add_model("bad", 1 * MiB)
     d = imported.model.digest
     reg.faults.add("GET", d, fault(), range="bytes=131072-196607")
     with pytest.raises(error):
-        await pull(reg.name("bad"), client, cache, chunk_size=64 << 10)
+        await pull(reg.name("bad"), chunk_client, cache, chunk_size=64 << 10)
     assert_cache_clean_of(cache, d)
     assert manifest_of(cache, reg.name("bad")) is None
     stored = cache.index.load(d)
@@ -149,7 +150,7 @@ async def test_bad_chunk_answers_are_refused(live_registry, cache, client, fault
     # Once the server behaves, the next pull completes and fetches only what is missing.
     reg.faults.rules.clear()
     before = len(reg.faults.ranges(d))
-    await pull(reg.name("bad"), client, cache, chunk_size=64 << 10)
+    await pull(reg.name("bad"), chunk_client, cache, chunk_size=64 << 10)
     assert sha256_file(cache.store.blob_path(d)) == d
     refetched = reg.faults.ranges(d)[before:]
     assert "bytes=131072-196607" in refetched
@@ -261,7 +262,7 @@ async def test_redirected_blobs_are_followed(live_registry, cache, client):
 
 
 async def test_chunks_ahead_of_the_sealer_wait_for_a_slow_first_chunk(live_registry, cache,
-                                                                        client, monkeypatch):
+                                                                        chunk_client, monkeypatch):
     """A pull keeps its chunks within reach of the sealer (which hashes them from memory):
     while the first chunk is slow the others wait for it, without deadlock, and the pull
     completes, fetches each chunk once and seals."""
@@ -277,7 +278,7 @@ async def test_chunks_ahead_of_the_sealer_wait_for_a_slow_first_chunk(live_regis
     first = f"bytes=0-{(256 << 10) - 1}"
     reg.faults.add("GET", "/blobs/" + imported.model.digest, slow, range=first)
     with trio.fail_after(20):
-        await pull(reg.name("slowstart"), client, cache, concurrency=4, chunk_size=1 * MiB)
+        await pull(reg.name("slowstart"), chunk_client, cache, concurrency=4, chunk_size=1 * MiB)
     assert sha256_file(cache.store.blob_path(imported.model.digest)) == sha256_file(source)
     ranges = reg.faults.ranges("/blobs/" + imported.model.digest)
     assert len(ranges) == 16 and len(set(ranges)) == 16  # each chunk once
@@ -291,7 +292,9 @@ class _CountingSha256:
         self.update(data)
 
     def update(self, data) -> None:
-        self._counter[0] += memoryview(data).nbytes
+        if not bytes(memoryview(data)[:18]) == b"modelfs fetch unit":
+            # (a fetch unit's digest hashes its chunks' digests, not blob bytes: units.py)
+            self._counter[0] += memoryview(data).nbytes
         self._h.update(data)
 
     def hexdigest(self) -> str:
@@ -330,18 +333,18 @@ async def test_pull_hashes_each_byte_once(live_registry, cache, client, monkeypa
 
 
 async def test_stopped_pull_resumes_and_refetches_only_corrupt_landed_chunks(
-        live_registry, tmp_path, client):
+        live_registry, tmp_path, chunk_client):
     """A pull stopped halfway leaves LANDED chunks (never checked on their own). One of them is
     damaged on disk before the next pull: the seal catches it, it alone is fetched again, and
     the blob is sealed with the right bytes."""
     reg = await live_registry(chunk_size=64 << 10)
     _, imported = reg.add_model("mid", 4 * MiB)
     layer = imported.model
-    cache = await stopped_pull(reg, tmp_path / "cache", client, "mid", layer.digest)
+    cache = await stopped_pull(reg, tmp_path / "cache", chunk_client, "mid", layer.digest)
     try:
         chunks, present, bad = corrupt_a_landed_chunk(cache, layer.digest)
         before = len(reg.faults.ranges(layer.digest))
-        await pull(reg.name("mid"), client, cache, chunk_size=64 << 10)
+        await pull(reg.name("mid"), chunk_client, cache, chunk_size=64 << 10)
         assert sha256_file(cache.store.blob_path(layer.digest)) == layer.digest
         again = reg.faults.ranges(layer.digest)[before:]
         want = {f"bytes={c.start}-{c.end - 1}" for i, c in enumerate(chunks)

@@ -1,0 +1,121 @@
+"""Fetch units (cache/units.py): the registry's small chunks fetched together, each still
+verified against its own digest."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+
+import pytest
+import trio
+
+from modelfs.cache.blobcache import BlobCache
+from modelfs.cache.chunks import Chunk, check_coverage, fixed_chunks
+from modelfs.cache.errors import ChunkDigestMismatch
+from modelfs.cache.units import UnitHasher, bad_part, digest_of, group_units, part_lengths
+from modelfs.fetcher.materializer import Materializer
+from modelfs.fetcher.pull import pull
+
+from .conftest import sha256_file
+
+MiB = 1 << 20
+
+
+def registry_chunks(data: bytes, step: int) -> list[Chunk]:
+    return [Chunk(s, min(s + step, len(data)),
+                  "sha256:" + hashlib.sha256(data[s:s + step]).hexdigest())
+            for s in range(0, len(data), step)]
+
+
+DATA = random.Random(3).randbytes(9 * MiB + 1234)
+
+
+def test_small_chunks_are_grouped_large_ones_kept_as_they_are():
+    small = registry_chunks(DATA, 4096)
+    units = group_units(small, 4 * MiB)
+    check_coverage(units, len(DATA))
+    assert [u.length for u in units] == [4 * MiB, 4 * MiB, MiB + 1234]
+    assert sum(len(part_lengths(u)) for u in units) == len(small)
+    big = registry_chunks(DATA, 8 * MiB)
+    assert group_units(big, 4 * MiB) == big  # as the registry gave them: index rows as before
+    mixed = small[:3] + [Chunk(small[3].start, len(DATA), "sha256:" + "0" * 64)]
+    grouped = group_units(mixed, 4 * MiB)
+    assert grouped[1] is mixed[3] and len(part_lengths(grouped[0])) == 3
+    plain = fixed_chunks(len(DATA), 4096)  # no digests: nothing to verify per chunk
+    assert group_units(plain, 4 * MiB) == plain
+
+
+def test_a_unit_matches_only_when_every_chunk_in_it_does():
+    unit = group_units(registry_chunks(DATA[:MiB], 4096), 4 * MiB)[0]
+    data = DATA[:MiB]
+    assert digest_of(unit, data) == unit.digest
+    h = UnitHasher(unit)  # fed in pieces that do not line up with the chunks
+    for pos in range(0, len(data), 10_000):
+        h.update(data[pos:pos + 10_000])
+    assert h.result() == unit.digest
+    bad = bytearray(data)
+    bad[77 * 4096 + 5] ^= 1
+    h = UnitHasher(unit)
+    h.update(bytes(bad))
+    assert h.result() != unit.digest and bad_part(unit, h.parts()) == 77
+    assert digest_of(unit, data[:-1]) != unit.digest
+    assert digest_of(unit, data + b"x") != unit.digest
+    assert unit.digest != "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+async def test_a_received_unit_with_one_bad_chunk_is_never_written(tmp_path):
+    cache = BlobCache(tmp_path / "c", sync_interval=0.01)
+    try:
+        digest = "sha256:" + hashlib.sha256(DATA).hexdigest()
+        units = group_units(registry_chunks(DATA, 64 << 10), 4 * MiB)
+        blob = cache.open_partial(digest, len(DATA), units)
+        for i, unit in enumerate(units):
+            body = bytearray(DATA[unit.start:unit.end])
+            if i == 1:
+                body[-1] ^= 0xFF  # the unit's last registry chunk
+            receiver = blob.receiver(i)
+            receiver.view[:len(body)] = body
+            receiver.received(len(body))
+            if i == 1:
+                with pytest.raises(ChunkDigestMismatch, match="registry chunks"):
+                    await blob.write_chunk(i, receiver)
+                assert not blob.in_file(i)
+            else:
+                assert await blob.write_chunk(i, receiver)
+                await blob.commit_chunk(i)
+            blob.release_buffer(receiver.buf)
+        assert blob.missing() == [1]
+        await blob.put_chunk(1, DATA[units[1].start:units[1].end])
+        await blob.seal()
+        assert sha256_file(cache.store.blob_path(digest)) == digest
+    finally:
+        cache.close()
+
+
+async def test_pull_and_mount_fetch_small_chunks_in_units(live_registry, tmp_path, client):
+    """A registry of 4 KiB chunks: a pull asks for a few multi-MiB ranges, not thousands of
+    4 KiB ones, and seals the right blob; a mount's read of a cold blob does the same."""
+    reg = await live_registry(chunk_size=4096)
+    source, imported = reg.add_model("tiny4k", 10 * MiB)
+    layer, data = imported.model, source.read_bytes()
+    cache = BlobCache(tmp_path / "pulled", sync_interval=0.01)
+    try:
+        await pull(reg.name("tiny4k"), client, cache)
+        assert sha256_file(cache.store.blob_path(layer.digest)) == layer.digest
+    finally:
+        cache.close()
+    ranges = reg.faults.ranges(layer.digest)
+    assert len(ranges) == -(-layer.size // (4 * MiB))
+
+    before = len(reg.faults.ranges(layer.digest))
+    cache = BlobCache(tmp_path / "mounted", sync_interval=0.01)
+    try:
+        async with trio.open_nursery() as nursery:
+            mat = Materializer(client, cache, nursery, background=False)
+            with trio.fail_after(30):
+                got = await mat.read(reg.name("tiny4k"), layer, 9 * MiB, 4096)
+            assert got == data[9 * MiB:9 * MiB + 4096]
+            nursery.cancel_scope.cancel()
+    finally:
+        cache.close()
+    assert reg.faults.ranges(layer.digest)[before:] == [f"bytes={8 * MiB}-{layer.size - 1}"]
