@@ -29,13 +29,14 @@ from modelfs.cache.units import FETCH_UNIT, group_units
 
 from . import __version__
 from .chunksums import MAX_CHUNKSUMS_BYTES, parse_chunksums
-from .errors import (NotFound, ProtocolViolation, RegistryError, RegistryUnreachable, ShortBody,
+from .answer import MIN_TRANSFER_RATE, check_length, check_range_answer, stall_budget, stalled
+from .errors import (NotFound, ProtocolViolation, RegistryError, RegistryUnreachable,
                      TemporaryError, Unauthorized, describe_error, error_for_status,
                      parse_retry_after)
 from .manifest import (MANIFEST_MEDIA_TYPE, MAX_MANIFEST_BYTES, OCI_MANIFEST_MEDIA_TYPE, Layer,
                        Manifest, parse_manifest)
 from .names import ModelName
-from .rangeget import Abort, NeedsFullClient, RangeGetter, check_content_range
+from .rangeget import Abort, NeedsFullClient, RangeGetter
 from .retry import RetryPolicy, retrying
 
 log = logging.getLogger(__name__)
@@ -48,8 +49,6 @@ log = logging.getLogger(__name__)
 # receives cut it to 0.75 s. A class attribute meant as a setting; we are its only user.
 httpcore._async.http11.AsyncHTTP11Connection.READ_NUM_BYTES = 1 << 20
 
-# Slower than this, a chunk transfer counts as stalled (and is retried).
-MIN_TRANSFER_RATE = 256 << 10
 OLLAMA_COMPAT_VERSION = os.environ.get("MODELFS_OLLAMA_VERSION", "0.13.0")
 _ARCH = {"x86_64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
 
@@ -338,34 +337,26 @@ class RegistryClient:
 
         httpx's read timeout bounds each wait for bytes; this bounds the whole answer, so a
         server that trickles a byte now and then cannot hold a chunk forever (a stall)."""
-        budget = self.config.read_timeout + (end - start) / MIN_TRANSFER_RATE
+        budget = stall_budget(self.config.read_timeout, end - start)
         with trio.move_on_after(budget) as scope:
             return await self._fetch_range(url, start, end, blob_size)
         assert scope.cancelled_caught
-        raise TemporaryError(f"{url}: range {start}-{end - 1} stalled (no answer at "
-                             f"{MIN_TRANSFER_RATE >> 10} KiB/s within {budget:.0f}s)")
+        raise stalled(url, start, end, budget)
 
     async def _fetch_range(self, url: str, start: int, end: int, blob_size: int | None):
         length = end - start
         headers = {"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"}
         async with self._stream("GET", url, headers) as response:
-            if response.status_code == 200:
-                raise ProtocolViolation(
-                    f"{url}: server ignored Range bytes={start}-{end - 1} (200 with the whole "
-                    f"body); refusing to use it")
-            if response.status_code != 206:
-                raise ProtocolViolation(f"{url}: unexpected status {response.status_code} to a "
-                                        f"Range request")
-            check_content_range(url, response.headers.get("content-range", ""), start, end,
-                                 blob_size)
+            # (error statuses were raised by _stream; a redirect left here had no Location)
+            check_range_answer(url, response.status_code, response.headers, start, end,
+                               blob_size)
             parts, pos = [], 0
             with map_transport_errors(url):
                 async for piece in response.aiter_bytes():
                     pos += len(piece)
-                    if pos > length:
-                        raise ProtocolViolation(f"{url}: more than the {length} bytes asked for")
+                    if pos > length:  # (more than its Content-Length said, or none was given)
+                        check_length(url, start, end, pos, "received")
                     parts.append(piece)  # kept as received: no copy into one buffer
-            if pos != length:
-                raise ShortBody(f"{url}: range {start}-{end - 1} gave {pos} of {length} bytes")
+            check_length(url, start, end, pos)
             return Pieces(parts)
 

@@ -51,11 +51,19 @@ class BadManifest(RegistryError):
 
 
 class ProtocolViolation(RegistryError):
-    """An answer that breaks the protocol and will not get better by asking again
-    (a 200 with the whole blob in answer to a Range request, a wrong Content-Range)."""
+    """An answer that breaks the protocol and will not get better by asking again (an answer
+    that is not HTTP, a status no server sends to a Range request, a blob of another size than
+    the manifest says). Range answers a flaky edge gives are `BadRangeAnswer` instead."""
 
 
-class ShortBody(TemporaryError):
+class BadRangeAnswer(TemporaryError):
+    """An answer to a Range request that is not the range: a 200 with the whole body, a
+    missing or different Content-Range, more bytes than asked for. CDN edges and caching
+    proxies give these now and then (a 200 on a cache miss, a mixed-up cached range), and the
+    next request is usually answered right, so it is retried. Its body is never used."""
+
+
+class ShortBody(BadRangeAnswer):
     """A range answer with fewer bytes than asked for (retried: the next try may be whole)."""
 
 

@@ -8,11 +8,11 @@ each, while the cache wrote through the page cache. Here a worker thread receive
 is copied or allocated: the same loopback transfer took about half the CPU.
 
 Scope: HTTP/1.1 over TCP or TLS, keep-alive, one request per connection at a time. A response
-taken here is a `206` with a Content-Length, a Content-Range that matches and no
-Transfer-Encoding; a failure status (other than 401) is turned into the same error the client
-raises. Redirects are followed here (without credentials to another origin) and remembered for
-a few minutes, so a registry that sends blobs to a CDN costs one extra request per blob, not per
-chunk. Anything that needs the full client (an auth challenge, chunked framing) is
+taken here is a `206` with a Content-Length and no Transfer-Encoding that passes the range check
+both stacks share (answer.py); a failure status (other than 401) is turned into the same error
+the client raises. Redirects are followed here (without credentials to another origin) and
+remembered for a few minutes, so a registry that sends blobs to a CDN costs one extra request per
+blob, not per chunk. Anything that needs the full client (an auth challenge, chunked framing) is
 `NeedsFullClient`: nothing was taken into the buffer, and the caller asks again through httpx.
 So does a URL that a proxy from the environment applies to (`usable`).
 
@@ -20,7 +20,7 @@ Concurrency contract: `get_into` blocks; it runs in a worker thread. The idle co
 shared under a threading.Lock, a connection is used by one thread at a time. `Abort.abort()` may
 be called from any thread (the trio side, when the fetch is cancelled): a blocked `get_into`
 then fails at once. Every wait on the network has a timeout, and the whole answer a deadline
-(`read_timeout + length / min_rate`), so a trickling server cannot hold a thread forever.
+(`answer.stall_budget`), so a trickling server cannot hold a thread forever.
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ import time
 import urllib.parse
 import urllib.request
 
-from .errors import (ProtocolViolation, RegistryError, RegistryUnreachable, ShortBody,
-                     TemporaryError, describe_error, error_for_status, parse_retry_after)
+from .answer import check_length, check_range_answer, stall_budget, stalled
+from .errors import (ProtocolViolation, RegistryError, RegistryUnreachable, TemporaryError,
+                     describe_error, error_for_status, parse_retry_after)
 
 MAX_HEAD = 64 << 10  # status line and headers
 MAX_REDIRECTS = 5
@@ -57,17 +58,6 @@ class NeedsFullClient(Exception):
 
 class Aborted(TemporaryError):
     """The fetch was cancelled from outside while it waited on the network."""
-
-
-def check_content_range(url: str, value: str, start: int, end: int, size: int | None) -> None:
-    m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", value.strip())
-    if m is None:
-        raise ProtocolViolation(f"{url}: 206 without a valid Content-Range ({value[:60]!r})")
-    first, last, total = int(m.group(1)), int(m.group(2)), m.group(3)
-    if (first, last + 1) != (start, end):
-        raise ProtocolViolation(f"{url}: asked for bytes {start}-{end - 1}, got {first}-{last}")
-    if size is not None and total != "*" and int(total) != size:
-        raise ProtocolViolation(f"{url}: blob is {total} bytes, the manifest says {size}")
 
 
 class Abort:
@@ -193,7 +183,7 @@ class RangeGetter:
             if target != url and not remembered:
                 self._remember(url, target)
             return
-        raise ProtocolViolation(f"{url}: more than {MAX_REDIRECTS} redirects")
+        raise ProtocolViolation(f"{url}: more than {MAX_REDIRECTS} redirects")  # a loop: final
 
     def _remembered(self, url: str) -> str | None:
         with self._lock:
@@ -220,7 +210,8 @@ class RangeGetter:
             raise NeedsFullClient(f"{url}: not a URL for the data plane")
         key = (parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https"
                                                            else 80))
-        deadline = time.monotonic() + self._read_timeout + (end - start) / self._min_rate
+        deadline = time.monotonic() + stall_budget(self._read_timeout, end - start,
+                                                   self._min_rate)
         abort = abort or Abort()
         for attempt in (1, 2):
             conn = self._checkout(key, abort)
@@ -287,7 +278,6 @@ class RangeGetter:
                   blob_size: int | None, headers: dict[str, str], receiver, deadline: float,
                   abort: Abort) -> bool:
         """One request and its answer; True if the connection may be used again."""
-        length = end - start
         sock = conn.sock
         target = parts.path or "/"
         if parts.query:
@@ -308,20 +298,13 @@ class RangeGetter:
                 raise
             head = self._read_head(conn, url, deadline, start, end)
             if head.status != 206:
-                self._not_partial(conn, url, head, start, end, deadline)
+                self._not_partial(conn, url, head, start, end, blob_size, deadline)
             te = head.headers.get("transfer-encoding")
             declared = head.headers.get("content-length")
             if te is not None or declared is None or not declared.isdigit():
                 raise NeedsFullClient(f"{url}: framing we leave to httpx")
-            check_content_range(url, head.headers.get("content-range", ""), start, end,
-                                blob_size)
-            if int(declared) > length:
-                raise ProtocolViolation(f"{url}: more than the {length} bytes asked for "
-                                        f"(Content-Length {declared})")
-            if int(declared) < length:
-                raise ShortBody(f"{url}: range {start}-{end - 1} gave {declared} of {length} "
-                                f"bytes")
-            self._read_body(sock, head.rest, receiver, length, url, start, end, deadline, abort)
+            check_range_answer(url, head.status, head.headers, start, end, blob_size)
+            self._read_body(sock, head.rest, receiver, url, start, end, deadline, abort)
         except socket.timeout as exc:
             if time.monotonic() >= deadline:
                 raise self._stalled(url, start, end) from exc
@@ -337,8 +320,8 @@ class RangeGetter:
             "connection", "").lower()
 
     def _stalled(self, url: str, start: int, end: int) -> TemporaryError:
-        return TemporaryError(f"{url}: range {start}-{end - 1} stalled (no answer at "
-                              f"{self._min_rate >> 10} KiB/s within the deadline)")
+        budget = stall_budget(self._read_timeout, end - start, self._min_rate)
+        return stalled(url, start, end, budget, self._min_rate)
 
     def _settimeout(self, sock, deadline: float, url: str, start: int, end: int) -> None:
         left = deadline - time.monotonic()
@@ -352,6 +335,8 @@ class RangeGetter:
             cut = buf.find(b"\r\n\r\n")
             if cut >= 0:
                 break
+            # Final, here and below: an answer that is not HTTP we can parse safely is a broken
+            # server or proxy, not an edge that missed its cache.
             if len(buf) > MAX_HEAD:
                 raise ProtocolViolation(f"{url}: answer headers larger than {MAX_HEAD} bytes")
             self._settimeout(conn.sock, deadline, url, start, end)
@@ -384,18 +369,15 @@ class RangeGetter:
         return _Head(m.group(1), int(m.group(2)), headers, buf[cut + 4:])
 
     def _not_partial(self, conn: _Conn, url: str, head: _Head, start: int, end: int,
-                     deadline: float) -> None:
+                     blob_size: int | None, deadline: float) -> None:
         status = head.status
-        if status == 200:
-            raise ProtocolViolation(f"{url}: server ignored Range bytes={start}-{end - 1} (200 "
-                                    f"with the whole body); refusing to use it")
+        if status < 300:  # a 200 (whole body) or another status no Range answer has
+            check_range_answer(url, status, head.headers, start, end, blob_size)
         location = head.headers.get("location")
         if status in (301, 302, 303, 307, 308) and location:
             raise _Redirect(urllib.parse.urljoin(url, location))
-        if status == 401 or 300 <= status < 400:
+        if status == 401 or 300 <= status < 400:  # (httpx follows it, or says why not)
             raise NeedsFullClient(f"{url}: HTTP {status}")
-        if status < 400:
-            raise ProtocolViolation(f"{url}: unexpected status {status} to a Range request")
         body = head.rest
         declared = head.headers.get("content-length", "")
         if declared.isdigit() and int(declared) <= MAX_ERROR_BODY:
@@ -411,10 +393,11 @@ class RangeGetter:
         raise error_for_status(status, describe_error("GET", url, status, bytes(body)),
                                parse_retry_after(head.headers.get("retry-after", "")))
 
-    def _read_body(self, sock, rest: bytes, receiver, length: int, url: str, start: int,
-                   end: int, deadline: float, abort: Abort) -> None:
-        if len(rest) > length:
-            raise ProtocolViolation(f"{url}: more than the {length} bytes asked for")
+    def _read_body(self, sock, rest: bytes, receiver, url: str, start: int, end: int,
+                   deadline: float, abort: Abort) -> None:
+        length = end - start
+        if len(rest) > length:  # bytes after the body it declared: the stream is not ours
+            check_length(url, start, end, len(rest), "received")
         view = receiver.view
         got = len(rest)
         view[:got] = rest
@@ -425,7 +408,7 @@ class RangeGetter:
             self._settimeout(sock, deadline, url, start, end)
             n = sock.recv_into(view[got:length], length - got)
             if n == 0:
-                raise ShortBody(f"{url}: range {start}-{end - 1} gave {got} of {length} bytes")
+                check_length(url, start, end, got)
             got += n
             receiver.arrived += n  # progress, for readers' deadlines
             if got - receiver.filled >= HASH_STEP:

@@ -1,4 +1,6 @@
-"""Retries with jittered exponential backoff, for temporary failures only."""
+"""Retries with jittered exponential backoff, for temporary failures only (errors.py says which
+are). The one policy for chunks: a pull and a mount both fetch them through `pull.fetch_chunk`,
+so a flaky source is retried the same way under both."""
 
 from __future__ import annotations
 
@@ -38,15 +40,17 @@ def is_retryable(exc: BaseException) -> bool:
 async def retrying(fn: Callable[[], Awaitable[T]], policy: RetryPolicy, what: str) -> T:
     """Run `fn` until it succeeds, a final error comes, or the attempts run out."""
     attempt = 1
+    kinds: list[type] = []
     while True:
         try:
             return await fn()
         except ModelfsError as exc:
             if not is_retryable(exc):
                 raise
+            kinds.append(type(exc))
             if attempt >= policy.attempts:
                 final = copy.copy(exc)  # same class and status, a message that says why
-                final.args = (f"{exc} (gave up after {attempt} attempts)",)
+                final.args = (f"{exc} ({_how_often(kinds)})",)
                 raise final from exc
             delay = policy.delay(attempt, getattr(exc, "retry_after", None))
             level = logging.INFO if attempt == 1 else logging.WARNING
@@ -54,3 +58,11 @@ async def retrying(fn: Callable[[], Awaitable[T]], policy: RetryPolicy, what: st
                     what, exc, attempt, policy.attempts - 1, delay)
             attempt += 1
             await trio.sleep(delay)
+
+
+def _how_often(kinds: list[type]) -> str:
+    """Whether the source kept failing this way, or this was only the last of mixed failures."""
+    alike = sum(kind is kinds[-1] for kind in kinds)
+    if alike == len(kinds):
+        return f"gave up after {len(kinds)} attempts, each failing like this"
+    return f"gave up after {len(kinds)} attempts, {alike} of them failing like this"

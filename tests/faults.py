@@ -7,8 +7,10 @@ app unchanged.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
+import re
 from typing import Awaitable, Callable
 
 import trio
@@ -151,6 +153,76 @@ def short_body(missing: int = 10) -> Action:
             await send(message)
         await faults.app(scope, receive, trimming)
     return action
+
+
+def wrong_content_range(shift: int = 1) -> Action:
+    """The app's answer with its Content-Range moved `shift` bytes on and the body unchanged
+    (a cache that mixed up the ranges it keeps)."""
+    async def action(faults, scope, receive, send):
+        async def shifting(message):
+            if message["type"] == "http.response.start":
+                hdrs = []
+                for k, v in message["headers"]:
+                    if k.lower() == b"content-range":
+                        first, last, total = re.fullmatch(rb"bytes (\d+)-(\d+)/(\d+)",
+                                                          v).groups()
+                        v = f"bytes {int(first) + shift}-{int(last) + shift}/{int(total)}" \
+                            .encode()
+                    hdrs.append((k, v))
+                message = dict(message, headers=hdrs)
+            await send(message)
+        await faults.app(scope, receive, shifting)
+    return action
+
+
+class FlakyEdge:
+    """A CDN edge in front of the app: every `every`-th range request reaching it is a cache
+    miss, answered 200 with the whole blob (`without_range`); a range it missed on is a hit
+    from then on. `missed` lists the (path, range) pairs it answered 200."""
+
+    def __init__(self, every: int = 3):
+        self.every, self.count = every, 0
+        self.missed: list[tuple[str, str]] = []
+
+    async def __call__(self, faults, scope, receive, send):
+        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        key = (scope["raw_path"].decode(), headers.get("range"))
+        self.count += 1
+        if self.count % self.every == 0 and key not in self.missed:
+            self.missed.append(key)
+            return await without_range()(faults, scope, receive, send)
+        await faults.app(scope, receive, send)
+
+
+class FlakySource:
+    """Everything a flaky edge does to the blob ranges of one registry: `FlakyEdge` for all
+    blobs, and once each a short body and a shifted Content-Range for two chunks of the blob
+    `digest` (given as Range header values)."""
+
+    def __init__(self, faults: Faults, digest: str, short: str, shifted: str, every: int = 3):
+        self.faults, self.digest = faults, digest
+        self.short = faults.add("GET", digest, short_body(), times=1, range=short)
+        self.shifted = faults.add("GET", digest, wrong_content_range(), times=1, range=shifted)
+        self.edge = FlakyEdge(every)
+        faults.add("GET", "/blobs/", self.edge)
+
+    def asked(self) -> collections.Counter:
+        """How often each (path, range) was asked for."""
+        return collections.Counter((s.path, s.range) for s in self.faults.seen
+                                   if s.method == "GET" and "/blobs/" in s.path and s.range)
+
+    def check_every_bad_answer_was_asked_again(self) -> None:
+        """Each range was asked for once, and once more for each bad answer it got: the
+        bad answers were retried, nothing else was."""
+        asked = self.asked()
+        path = next(p for p, _ in asked if self.digest in p)
+        bad = collections.Counter(self.edge.missed)
+        bad[(path, self.short.range)] += 1
+        bad[(path, self.shifted.range)] += 1
+        assert self.short.times == 0 and self.shifted.times == 0, asked  # both came into play
+        assert len(self.edge.missed) >= 3, self.edge.missed  # the edge did miss, now and then
+        assert asked == collections.Counter({key: 1 + bad[key] for key in asked})
+        assert all(key in asked for key in bad)
 
 
 class _Reset(Exception):

@@ -165,6 +165,40 @@ async def test_pull_killed_halfway_resumes_missing_chunks_only(live_registry, tm
     assert sha256_file(cache / "blobs" / ("sha256-" + d[7:])) == d
 
 
+async def test_pull_gives_up_on_a_source_that_always_ignores_range(live_registry, tmp_path):
+    """A proxy that answers every Range request with 200 and the whole blob: `modelfs pull`
+    asks for its first chunk exactly as many times as the retry policy allows, then stops with
+    one line that says what the source kept doing; nothing lands in blobs/, nothing is recorded
+    as present and no manifest is written."""
+    from modelfs.fetcher.retry import RetryPolicy
+
+    from . import faults as F
+
+    attempts = RetryPolicy().attempts  # what the CLI uses
+    reg = await live_registry(chunk_size=64 << 10)
+    reg.add_model("stubborn", 1 * MiB)
+    reg.faults.add("GET", "/blobs/", F.without_range())
+    cache = tmp_path / "cache"
+    r = await trio.run_process(
+        MODELFS + ["pull", "stubborn", "--registry", reg.url, "--cache", str(cache),
+                   "--chunk-size", "64K", "--concurrency", "1"],
+        capture_stdout=True, capture_stderr=True, check=False)
+    stderr = r.stderr.decode()
+    assert r.returncode == 1, stderr
+    asked = [(s.path, s.range) for s in reg.faults.seen if "/blobs/" in s.path]
+    assert len(asked) == attempts and len(set(asked)) == 1  # one chunk, `attempts` times
+    assert all(s.status == 200 for s in reg.faults.seen if "/blobs/" in s.path)
+    assert "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("modelfs: error:")]
+    assert errors == [stderr.strip().splitlines()[-1]]
+    assert "ignored Range" in errors[0] and "answered 200 with the whole body" in errors[0]
+    assert f"gave up after {attempts} attempts, each failing like this" in errors[0]
+    kept = [p.relative_to(cache) for p in cache.rglob("*") if p.is_file()]
+    assert not [p for p in kept if p.parts[0] in ("blobs", "manifests")], kept
+    with sqlite3.connect(cache / "index.sqlite") as db:
+        assert db.execute("SELECT count(*) FROM chunks WHERE present").fetchone()[0] == 0
+
+
 def test_pull_refuses_a_model_larger_than_the_cap(served):
     cache = served["tmp"] / "capped"
     r = modelfs("pull", "tiny:q8", "--registry", served["url"], "--cache", cache,

@@ -42,6 +42,34 @@ async def test_blob_that_failed_its_seal_is_fetched_again_and_served(live_regist
         cache.close()
 
 
+@pytest.mark.parametrize("plane", ["direct", "httpx"])
+async def test_a_read_through_a_flaky_edge_retries_inside_the_read(live_registry, tmp_path,
+                                                                  monkeypatch, plane):
+    """The mount's read path through the same flaky edge as the pull's test (every third range
+    a 200 with the whole blob, a short body, a shifted Content-Range): one read of the whole
+    blob returns the right bytes, its bad answers asked for again inside that read: each chunk
+    is fetched once, the retries are inside that fetch (not the reader asking again)."""
+    monkeypatch.setenv("MODELFS_DATA_PLANE", plane)
+    reg = await live_registry(chunk_size=64 << 10)
+    source, imported = reg.add_model("edgy", 2 << 20)  # (more than WHOLE_UP_TO)
+    layer, data = imported.model, source.read_bytes()
+    flaky = F.FlakySource(reg.faults, layer.digest, short="bytes=131072-196607",
+                          shifted="bytes=327680-393215")
+    cache = BlobCache(tmp_path / "cache", sync_interval=0.01)
+    try:
+        async with RegistryClient(PER_CHUNK) as client:
+            assert (client._raw is not None) == (plane == "direct")
+            async with trio.open_nursery() as nursery:
+                mat = Materializer(client, cache, nursery, background=False)
+                with trio.fail_after(30):
+                    assert await mat.read(reg.name("edgy"), layer, 0, layer.size) == data
+                nursery.cancel_scope.cancel()
+        flaky.check_every_bad_answer_was_asked_again()
+        assert mat.fetches == len(flaky.asked())  # one fetch per chunk, retries inside it
+    finally:
+        cache.close()
+
+
 async def test_sealer_waits_for_the_readers_then_seals(live_registry, tmp_path):
     """While a blob is being read, its whole-blob hash waits (it would take the readers' CPU);
     once they pause, the blob is sealed. A chunk list is served, so reads never wait on it."""
