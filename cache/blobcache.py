@@ -33,7 +33,7 @@ from .digests import parse_digest
 from .errors import ModelfsError
 from .index import ChunkIndex
 from .lowprio import LowPriorityThread
-from .partial import PartialBlob, partial_name
+from .partial import UNRECORDED_LIMIT, PartialBlob, UnrecordedBudget, partial_name
 from .store import ModelsDir
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,8 @@ class BlobCache:
 
     def __init__(self, root: os.PathLike | str, *, durable: bool = True, io_threads: int = 4,
                  cap: int | None = None, min_free: int | None = None,
-                 sync_interval: float = 0.5, background_seal: bool = False):
+                 sync_interval: float = 0.5, background_seal: bool = False,
+                 max_unrecorded: int = UNRECORDED_LIMIT):
         self.root = pathlib.Path(root)
         self.store = ModelsDir(self.root).create()
         # One process per cache: two writers would race on the same partial files and seals.
@@ -97,6 +98,9 @@ class BlobCache:
         self.index = ChunkIndex(self.root / "index.sqlite")
         self.durable = durable
         self.sync_interval = sync_interval  # chunks are made durable in batches this far apart
+        # ... or sooner: at most this many bytes of chunks, all blobs together, wait to be
+        # recorded (what a crash costs: partial.py, UnrecordedBudget)
+        self.unrecorded = UnrecordedBudget(max_unrecorded)
         # Hashing, pwrite and fsync threads. The machine has about one core of compute, so a
         # couple of threads keep the disk and the hash busy without oversubscribing the CPU.
         self.limiter = trio.CapacityLimiter(io_threads)
@@ -191,7 +195,8 @@ class BlobCache:
                            limiter=self.limiter, durable=self.durable,
                            reserve=self.budget.reserve, sealed=sealed,
                            sync_interval=self.sync_interval, pool=self.pool,
-                           hash_thread=self.hash_thread, check_whole=check_whole)
+                           hash_thread=self.hash_thread, check_whole=check_whole,
+                           unrecorded=self.unrecorded)
 
     def open_partial(self, digest: str, size: int, chunks: list[Chunk], *,
                      check_whole: bool = False) -> PartialBlob:

@@ -40,6 +40,14 @@ Concurrency contract (trio):
   fdatasync, so kept buffers are let go soon, and waits while `seal_paused()` says readers are
   being served (a mount sets it); `seal` itself never waits. It hashes in the cache's
   low-priority thread when there is one. After a restart it starts again from offset 0.
+- What a crash costs is bounded in bytes, not only in time: a chunk takes room in the cache's
+  `UnrecordedBudget` (one for all its blobs) just before it enters its blob (write_chunk, after
+  `_room_for`) and gives it back once it is recorded, or leaves the file. A chunk that finds
+  no room waits, with the fetch holding it (so a reader waits for the disk only when the link
+  outruns it by the budget); whoever takes a chunk in commits it, and its commit's sync is
+  what makes the room. Each blob's GroupSync syncs at its interval, or at once when the budget
+  is pressed, and records every chunk the sync covered in the same trio step
+  (`_record_durable`): none is left durable but unrecorded while its commit task waits to run.
 """
 
 from __future__ import annotations
@@ -50,6 +58,7 @@ import hashlib
 import logging
 import os
 import pathlib
+from typing import Callable
 
 import trio
 
@@ -73,6 +82,9 @@ EARLY_LIMIT = 48 << 20
 PENDING_LIMIT = 64 << 20
 # A receiver waits for the sealer to come closer at most this long without it moving.
 SEALER_PATIENCE = 1.0
+# Bytes of chunks in a cache that may wait to be recorded in the index (UnrecordedBudget) when
+# its owner does not say: a pull. (A mount gives its --max-inflight, whose default this is.)
+UNRECORDED_LIMIT = 64 << 20
 
 
 
@@ -89,21 +101,92 @@ def pread_exact(fd: int, length: int, offset: int) -> bytes:
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
+class UnrecordedBudget:
+    """Bytes of chunks taken into the blobs of one cache (verified, or landed for the seal) and
+    not recorded in the index yet: what a crash makes us fetch again, however fast the link.
+
+    A chunk is admitted (`admit`) just before it enters its blob, and waits while the chunks
+    admitted before it hold `limit` bytes (one chunk alone always fits); it is settled
+    (`settle`) once it is recorded, or when it leaves the file unrecorded. Per cache, not per
+    blob: the bound is what a crash of the whole process costs, all blobs together.
+
+    From half the limit on, and while a chunk waits for room, the budget is `pressed`: every
+    group sync with writes waiting syncs and records them at once instead of at its interval
+    (`notify`). Half, so that the next half fills while that sync runs: a fast stream keeps
+    flowing instead of stopping at each sync, and a burst still costs a sync per half budget,
+    not one per chunk."""
+
+    def __init__(self, limit: int = UNRECORDED_LIMIT):
+        self.limit = max(1, limit)
+        self.held = 0
+        self._waiting = 0  # chunks waiting for room
+        self._room = trio.Event()  # set (and replaced) whenever bytes are settled
+        self._notify: set[trio.Event] = set()  # set when the budget is pressed
+
+    @property
+    def pressed(self) -> bool:
+        return self.held > 0 and (self._waiting > 0 or 2 * self.held >= self.limit)
+
+    async def admit(self, length: int) -> None:
+        while self.held and self.held + length > self.limit:
+            self._waiting += 1
+            self._wake_syncs()
+            try:
+                await self._room.wait()
+            finally:
+                self._waiting -= 1
+        self.held += length
+        self._wake_syncs()
+
+    def settle(self, length: int) -> None:
+        self.held -= length
+        self._room.set()
+        self._room = trio.Event()
+
+    def notify(self, event: trio.Event) -> None:
+        """Set `event` as soon as the budget is pressed (now, if it is); `forget` it after."""
+        if self.pressed:
+            event.set()
+        else:
+            self._notify.add(event)
+
+    def forget(self, event: trio.Event) -> None:
+        self._notify.discard(event)
+
+    def _wake_syncs(self) -> None:
+        if self.pressed and self._notify:
+            for event in self._notify:
+                event.set()
+            self._notify.clear()
+
+
 class GroupSync:
     """fdatasync shared by every chunk waiting to be durable: one sync covers all writes before
     it, and syncs come at most every `interval` seconds, so a fast stream of chunks costs a few
-    syncs a second instead of one per chunk (nobody waits on them to read: see write_chunk)."""
+    syncs a second instead of one per chunk (nobody waits on them to read: see write_chunk);
+    sooner when the cache's unrecorded bytes press (`UnrecordedBudget`). Right after a sync,
+    in the same trio step, `on_durable(generation)` records the chunks it covered.
 
-    def __init__(self, fd: int, limiter: trio.CapacityLimiter, interval: float = 0.5):
+    The first waiter that finds no sync under way leads the next one: it gathers writes (until
+    the interval is up, `hurry`, or the budget presses), syncs and records; everyone else rides
+    along on `_next`. A leader cancelled meanwhile hands over: the next waiter leads."""
+
+    def __init__(self, fd: int, limiter: trio.CapacityLimiter, interval: float = 0.5, *,
+                 budget: UnrecordedBudget, on_durable: Callable[[int], None]):
         self._fd, self._limiter, self._interval = fd, limiter, interval
+        self._budget, self._on_durable = budget, on_durable
         self._written = self._synced = 0
         self._last = -interval
-        self._running: trio.Event | None = None
-        self._hurry = trio.Event()
+        self._next: trio.Event | None = None  # set when the sync being gathered or run is done
+        self._wake: trio.Event | None = None  # the leader's, while it gathers
+        self._hurried = False
+        self.syncs = 0  # (statistics)
 
     def hurry(self) -> None:
         """No more writes are coming to batch with: sync what waits now, not at the interval."""
-        self._hurry.set()
+        self._hurried = True
+        if self._wake is not None:
+            self._wake.set()
 
     def wrote(self) -> int:
         self._written += 1
@@ -111,22 +194,35 @@ class GroupSync:
 
     async def wait_durable(self, generation: int) -> None:
         while self._synced < generation:
-            if self._running is not None:
-                await self._running.wait()
+            if self._next is not None:
+                await self._next.wait()
                 continue
-            wait = self._last + self._interval - trio.current_time()
-            if wait > 0 and not self._hurry.is_set():
-                with trio.move_on_after(wait):  # let more writes join this sync
-                    await self._hurry.wait()
-                continue
-            target, self._running = self._written, trio.Event()
+            done = self._next = trio.Event()
             try:
+                await self._gather()
+                target = self._written
                 await trio.to_thread.run_sync(os.fdatasync, self._fd, limiter=self._limiter)
                 self._synced = max(self._synced, target)
+                self.syncs += 1
+                self._on_durable(target)
             finally:
                 self._last = trio.current_time()
-                self._running.set()
-                self._running = None
+                self._next = None
+                done.set()
+
+    async def _gather(self) -> None:
+        """Let more writes join this sync, while there is time and room for them."""
+        wait = self._last + self._interval - trio.current_time()
+        if wait <= 0 or self._hurried:
+            return
+        self._wake = trio.Event()
+        self._budget.notify(self._wake)
+        try:
+            with trio.move_on_after(wait):
+                await self._wake.wait()
+        finally:
+            self._budget.forget(self._wake)
+            self._wake = None
 
 
 def _verify_and_feed(data, chunk: Chunk, hasher) -> str | None:
@@ -150,7 +246,8 @@ class PartialBlob:
                  path: pathlib.Path, final_path: pathlib.Path, index: ChunkIndex,
                  limiter: trio.CapacityLimiter, durable: bool = True, reserve=None,
                  sealed: bool = False, sync_interval: float = 0.5,
-                 pool: BufferPool | None = None, hash_thread=None, check_whole: bool = False):
+                 pool: BufferPool | None = None, hash_thread=None, check_whole: bool = False,
+                 unrecorded: UnrecordedBudget | None = None):
         self.digest, self.size = digest, size
         self.chunks = check_coverage(chunks, size)
         # `present` as the index has it (ABSENT, VERIFIED or LANDED; or bools)
@@ -161,6 +258,11 @@ class PartialBlob:
         # received chunks are checked by the seal alone (module docstring); a pull sets it
         self.check_whole = check_whole and self.has_chunk_digests
         self._generation = [0] * len(chunks)  # GroupSync generation of each chunk's write
+        # The cache's budget of unrecorded bytes (shared by its blobs), and our share of it:
+        # chunk -> bytes, from admission (write_chunk) until recorded or out of the file.
+        self._unrecorded = unrecorded or UnrecordedBudget()
+        self._counted: dict[int, int] = {}
+        self._unsynced: dict[int, int] = {}  # written chunk -> generation, until a sync
         self._early: dict[int, object] = {}  # chunks written ahead of the sealer, kept for it
         # Received chunks verified and readable (from memory) whose write to the file is still
         # to come (write behind: `commit_chunk` does it); file reads of them wait for it.
@@ -188,7 +290,7 @@ class PartialBlob:
         self._direct = self._dfd >= 0  # False once the filesystem refused a direct write
         self._old_fds: list[int] = []  # replaced, closed with the blob (threads may hold them)
         self._sync_interval = sync_interval
-        self._sync = GroupSync(self._fd, limiter, sync_interval)
+        self._sync = self._group_sync()
         self._hasher = hashlib.sha256()
         self._hashed_upto = 0  # chunks [0, _hashed_upto) are in the sealer's hash
         self._seal_lock = trio.Lock()
@@ -196,6 +298,10 @@ class PartialBlob:
         self._sealing = False
         self._starts = [c.start for c in self.chunks]
         self.sealed = sealed
+
+    def _group_sync(self) -> GroupSync:
+        return GroupSync(self._fd, self._limiter, self._sync_interval, budget=self._unrecorded,
+                         on_durable=self._record_durable)
 
     @property
     def has_chunk_digests(self) -> bool:
@@ -209,6 +315,8 @@ class PartialBlob:
 
     def close(self) -> None:
         self._clear_early()
+        for i in list(self._counted):  # nobody records them any more
+            self._settle(i)
         for fd in (self._fd, self._dfd, *self._old_fds):
             if fd >= 0:
                 os.close(fd)
@@ -236,6 +344,9 @@ class PartialBlob:
         """No chunk is in the file any more (the caller deals with the file and the index)."""
         n = len(self.chunks)
         self.present, self.readable, self.landed = [False] * n, [False] * n, [False] * n
+        for i in list(self._counted):
+            self._settle(i)
+        self._unsynced.clear()
 
     def in_file(self, i: int) -> bool:
         """Chunk `i`'s bytes are in the file (or on their way there), verified or landed."""
@@ -278,11 +389,15 @@ class PartialBlob:
         for i in indexes:
             self.landed[i], self.readable[i] = False, True
         self._index.mark_present(self.digest, indexes)
+        for i in indexes:
+            self._settle(i)
 
     def _unland(self, i: int) -> None:
         """Landed chunk `i` is to be written again (checked), or dropped: not in the file until
         then, and out of the sealer's hash if it took the old bytes in."""
         self.landed[i] = self.present[i] = False
+        self._settle(i)
+        self._unsynced.pop(i, None)
         self._done_with(self._pop_early(i))
         self._forget_hashed(i)
 
@@ -390,6 +505,12 @@ class PartialBlob:
             await self._room_for(i)
             if self.in_file(i):
                 return False
+            # (after _room_for: chunks waiting there are not committable, so they must not
+            # hold the room that the ones they wait for need)
+            await self._admit(i)
+            if self.in_file(i):
+                self._settle(i)
+                return False
             self._pending[i] = _PendingWrite(self._pool.hold(data.buf))
             self._pending_bytes += chunk.length
             if unchecked:
@@ -399,15 +520,40 @@ class PartialBlob:
             self._keep_for_sealer(i, data.buf)
             return True
         try:
+            await self._admit(i)
+            if self.in_file(i):
+                self._settle(i)
+                return False
             await self._write(i, chunk, data)
         except BaseException:
+            self._settle(i)
             if fed:
                 self._restart_sealer()  # it took in bytes that never reached the disk
             raise
         self.readable[i] = True
-        self._generation[i] = self._sync.wrote()
+        self._wrote(i)
         self._keep_for_sealer(i, data)
         return True
+
+    async def _admit(self, i: int) -> None:
+        """Take chunk `i`'s bytes into the cache's unrecorded budget (waiting for room)."""
+        self._settle(i)  # (never counted twice)
+        length = self.chunks[i].length
+        await self._unrecorded.admit(length)
+        self._counted[i] = length
+
+    def _settle(self, i: int) -> None:
+        """Chunk `i` is recorded, or out of the file, or nobody will record it: out of the
+        budget (if it was in it)."""
+        length = self._counted.pop(i, None)
+        if length is not None:
+            self._unrecorded.settle(length)
+
+    def _wrote(self, i: int) -> None:
+        """Chunk `i`'s bytes are in the file: the next group sync covers them."""
+        self._generation[i] = self._sync.wrote()
+        if self._durable:
+            self._unsynced[i] = self._generation[i]
 
     async def _room_for(self, i: int) -> None:
         """Wait while too many bytes wait to be written (the commit tasks write them), or
@@ -469,11 +615,12 @@ class PartialBlob:
         pending.started = True
         try:
             await self._write(i, self.chunks[i], pending.buf)
-            self._generation[i] = self._sync.wrote()
+            self._wrote(i)
         except BaseException:
             # fetched (and kept for the sealer) again when wanted
             unchecked = self.landed[i] or self.chunks[i].digest is None
             self.readable[i] = self.landed[i] = False
+            self._settle(i)
             self._done_with(self._pop_early(i))
             if unchecked:
                 self._forget_hashed(i)
@@ -542,27 +689,59 @@ class PartialBlob:
 
     async def commit_chunk(self, i: int) -> None:
         """Make chunk `i` durable (an fdatasync shared with the chunks around it) and record it
-        in the index (invariant 2: recorded only once durable)."""
+        in the index (invariant 2: recorded only once durable). Whoever had `write_chunk` take
+        a chunk in calls this for it: until then it holds room in the unrecorded budget that
+        other chunks may be waiting for."""
         if self.present[i]:
             return
-        await self._finish_write(i)
-        if not self._seal_lock.locked():
-            # Catch the sealer up on the chunks written so far, from memory when it kept them.
-            # Here, not in write_chunk: readers waiting for a chunk never wait for this; and
-            # before the fdatasync, so the bytes kept for it are let go soon. Whoever holds the
-            # lock re-checks `readable` after each await, so nothing is missed.
-            await self._advance_sealer()
-        while self._durable:
-            generation = self._generation[i]
-            await self._sync.wait_durable(generation)
-            if self._generation[i] == generation:
-                break  # (else it was evicted and written again meanwhile: wait for that write)
-        if not self.in_file(i) or i in self._pending:
-            # evicted while it waited to be durable: nothing to record (and if it came back
-            # since, its new bytes are not written yet: their own commit records them)
+        try:
+            await self._finish_write(i)
+            if not self._seal_lock.locked():
+                # Catch the sealer up on the chunks written so far, from memory when it kept
+                # them. Here, not in write_chunk: readers waiting for a chunk never wait for
+                # this; and before the fdatasync, so the bytes kept for it are let go soon.
+                # Whoever holds the lock re-checks `readable` after each await, so nothing is
+                # missed.
+                await self._advance_sealer()
+            while self._durable and not self.present[i]:
+                generation = self._generation[i]
+                await self._sync.wait_durable(generation)  # records it (_record_durable)
+                if self._generation[i] == generation:
+                    break  # (else it was evicted and written again meanwhile: wait for that)
+        except Exception:
+            # A failed write, sealer read or sync: nobody may come back to record this chunk
+            # (it is recorded if a later sync of the blob covers it), so the chunks waiting for
+            # room do not wait for it. (Not on cancellation: a caller that gives up, like a
+            # reader at its deadline, leaves the chunk to the commit task that owns it.)
+            self._settle(i)
+            raise
+        if self.present[i] or not self.in_file(i) or i in self._pending:
+            # recorded with its sync; or evicted while it waited to be durable: nothing to
+            # record (and if it came back since, its new bytes are not written yet: their own
+            # commit records them)
             return
-        self.present[i] = True
-        self._index.mark_present(self.digest, [i], verified=not self.landed[i])
+        self._record([i])
+
+    def _record_durable(self, generation: int) -> None:
+        """Called by the group sync right after a sync that covered writes up to `generation`,
+        in the same trio step: every chunk it made durable is recorded at once, in one
+        transaction, so none is left durable but unrecorded (fetched again after a crash)
+        while its commit task waits its turn to run."""
+        synced = [i for i, g in self._unsynced.items() if g <= generation]
+        self._record([i for i in synced
+                      if self.in_file(i) and i not in self._pending and not self.present[i]])
+        for i in synced:  # (kept if the record failed: the next sync records them)
+            del self._unsynced[i]
+
+    def _record(self, indexes: list[int]) -> None:
+        """Record chunks whose bytes are durable in the file as present, and settle them."""
+        for verified in (True, False):
+            these = [i for i in indexes if self.landed[i] != verified]
+            if these:
+                self._index.mark_present(self.digest, these, verified=verified)
+        for i in indexes:
+            self.present[i] = True
+            self._settle(i)
 
     async def _advance_sealer(self) -> None:
         """Hash the readable chunks that follow the sealer's position, reading them back."""
@@ -712,7 +891,7 @@ class PartialBlob:
             os.ftruncate(self._fd, self.size)
             self._dfd = open_direct(self.path)
             self._direct = self._dfd >= 0
-            self._sync = GroupSync(self._fd, self._limiter, self._sync_interval)
+            self._sync = self._group_sync()
         self._index.forget_sealed(self.digest)
         self.sealed = False
         self._restart_sealer()  # read again when it is complete again
@@ -733,6 +912,8 @@ class PartialBlob:
             return 0
         unchecked = chunk.digest is None or self.landed[i]
         self.readable[i] = self.present[i] = self.landed[i] = False
+        self._settle(i)  # (a crash would not make us fetch it again now: it is gone)
+        self._unsynced.pop(i, None)
         self._done_with(self._pop_early(i))
         if unchecked:
             # the sealer took in bytes never checked on their own, and the next ones may

@@ -406,7 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "more help on high-latency ones)")
     p.add_argument("--max-inflight", type=size_arg, default=64 << 20, metavar="SIZE",
                    help="bytes of chunk data in flight at most, all files together "
-                   "(default 64M): bounds the daemon's memory")
+                   "(default 64M): bounds the daemon's memory, and the verified chunks not yet "
+                   "recorded in the cache index (what a crash makes it fetch again)")
     p.add_argument("--prefetch", choices=PREFETCH_MODES, default="auto",
                    help="auto: a window ahead of sequential readers, plus the rest of an open "
                    "model in the background; sequential: the window only; none: only what is "

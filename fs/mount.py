@@ -229,8 +229,9 @@ async def _watch_signals(state: dict, task_status=trio.TASK_STATUS_IGNORED) -> N
 async def serve_mount(opts: MountOptions, ready) -> None:
     """Mount, call `ready(None)` once the mount is visible, serve until unmounted."""
     # readers first: sealing waits for them and hashes at low priority (cache/lowprio.py)
+    # --max-inflight bounds what a crash costs too: chunks verified and not yet recorded
     cache = BlobCache(opts.cache, cap=opts.cache_max, min_free=opts.min_free,
-                      background_seal=True)
+                      background_seal=True, max_unrecorded=opts.max_inflight)
     state = {"mounted": False}
     try:
         # a unit's bytes are held whole while in flight: never more than a fetch's share of

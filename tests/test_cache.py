@@ -402,3 +402,112 @@ async def test_an_older_index_is_upgraded_or_set_aside(tmp_path, found, kept):
         assert cache.index.load(DIGEST)[1] == CHUNKS
     finally:
         cache.close()
+
+
+# -- what a crash may cost: the unrecorded budget ----------------------------------------------
+
+async def test_the_unrecorded_budget_admits_up_to_its_limit_and_presses_from_half(
+        autojump_clock):
+    from modelfs.cache.partial import UnrecordedBudget
+    budget = UnrecordedBudget(4000)
+    woken = trio.Event()
+    budget.notify(woken)
+    await budget.admit(1000)
+    assert not budget.pressed and not woken.is_set()
+    await budget.admit(1000)  # half: group syncs waiting for their interval go now
+    assert budget.pressed and woken.is_set()
+    await budget.admit(2000)
+    assert budget.held == 4000
+    admitted = []
+
+    async def late(n):
+        await budget.admit(n)
+        admitted.append(n)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(late, 1000)
+        await trio.sleep(1)
+        assert admitted == [] and budget.held == 4000  # no room: it waits
+        budget.settle(2000)
+    assert admitted == [1000] and budget.held == 3000
+    for n in (1000, 1000, 1000):
+        budget.settle(n)
+    await budget.admit(10_000)  # larger than the limit, alone: it fits
+    assert budget.pressed
+    quiet = trio.Event()
+    budget.settle(10_000)
+    budget.notify(quiet)
+    assert not budget.pressed and not quiet.is_set()
+
+
+CHUNK64 = 64 << 10
+
+
+def _blob_of(cache, n: int, seed: int):
+    data = hashlib.sha256(bytes([seed])).digest() * (n * CHUNK64 // 32)
+    chunks = chunks_of(data, CHUNK64)
+    return cache.open_partial(d(data), len(data), chunks), data
+
+
+def _unrecorded(blob) -> int:
+    return sum(c.length for c, ok, here in zip(blob.chunks, blob.readable, blob.present)
+               if ok and not here)
+
+
+async def test_a_burst_is_recorded_by_bytes_not_only_on_the_timer(tmp_path):
+    """Sync interval a minute, budget 8 chunks: chunks written one after the other (commits
+    behind them, as a mount does) never leave more than the budget unrecorded, are recorded
+    without waiting for the timer, and a few at a time per fdatasync."""
+    limit, n = 8 * CHUNK64, 64
+    cache = BlobCache(tmp_path / "c", sync_interval=60, max_unrecorded=limit)
+    try:
+        blob, data = _blob_of(cache, n, 1)
+        most = 0
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                for i in range(n):
+                    assert await blob.write_chunk(i, data[i * CHUNK64:(i + 1) * CHUNK64])
+                    most = max(most, _unrecorded(blob))
+                    assert cache.unrecorded.held <= limit
+                    nursery.start_soon(blob.commit_chunk, i)
+                    await trio.sleep(0)
+                # what is left once the syncs catch up is below half the budget: the timer's,
+                # unless told otherwise
+                while _unrecorded(blob) >= limit // 2:
+                    await trio.sleep(0.01)
+                blob.hurry()
+        assert most <= limit
+        assert blob.complete and cache.unrecorded.held == 0
+        assert all(p == 1 for p in cache.index.load(blob.digest)[2])
+        # batched: a sync per several chunks (about half the budget's worth), not one each
+        assert blob._sync.syncs <= n // 2, blob._sync.syncs
+    finally:
+        cache.close()
+
+
+async def test_the_budget_is_one_for_all_blobs_of_a_cache(tmp_path):
+    """Chunks of one blob below the trigger are recorded at once when another blob's take the
+    cache's unrecorded bytes to half the budget: the bound is per cache."""
+    limit = 8 * CHUNK64
+    cache = BlobCache(tmp_path / "c", sync_interval=60, max_unrecorded=limit)
+    try:
+        a, a_data = _blob_of(cache, 4, 2)
+        b, b_data = _blob_of(cache, 4, 3)
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                await a.put_chunk(0, a_data[:CHUNK64])  # the first sync: at once
+                for i in (1, 2):
+                    await a.write_chunk(i, a_data[i * CHUNK64:(i + 1) * CHUNK64])
+                    nursery.start_soon(a.commit_chunk, i)
+                await trio.sleep(0.5)
+                assert not a.present[1] and not a.present[2]  # waiting for the interval
+                for i in (0, 1):
+                    await b.write_chunk(i, b_data[i * CHUNK64:(i + 1) * CHUNK64])
+                    nursery.start_soon(b.commit_chunk, i)
+                with trio.fail_after(10):  # pressed by b's bytes: long before the interval
+                    while not (a.present[1] and a.present[2] and b.present[0]):
+                        await trio.sleep(0.01)
+                b.hurry()  # (what is left of b may be alone below the trigger again)
+        assert cache.unrecorded.held == 0
+    finally:
+        cache.close()

@@ -333,3 +333,49 @@ def test_min_free_keeps_the_filesystem_free(tmp_path):
         m.cleanup()
         subprocess.run(["umount", "-l", str(small)], capture_output=True)
         server.stop()
+
+
+def test_kill_9_after_a_burst_refetches_at_most_the_budget(tmp_path):
+    """Chunks verified but not yet recorded are what a crash costs: a kill -9 right after a
+    fast burst of reads must lose at most `--max-inflight` of them (recorded when that many
+    bytes wait, not only every half second) plus what was in flight, at loopback speed too."""
+    chunk, budget, burst = 256 << 10, 1 << 20, 16 << 20
+    source, server, m = _serve_and_mount(tmp_path, 24 << 20, "--prefetch", "none",
+                                         "--max-inflight", "1M", chunk="256K")
+    expected = source.read_bytes()
+
+    def read_burst() -> bytes:  # O_DIRECT: every READ reaches the daemon, no kernel readahead
+        fd = os.open(m.path / "m:1" / "model.gguf", os.O_RDONLY | os.O_DIRECT)
+        try:
+            return b"".join(os.pread(fd, 1 << 20, off) for off in range(0, burst, 1 << 20))
+        finally:
+            os.close(fd)
+
+    try:
+        m.start()
+        d = _model_digest(server)
+        started = time.monotonic()
+        assert read_burst() == expected[:burst]
+        # not held up by the half-second timer (that would be burst / budget * 0.5 s = 8 s)
+        assert time.monotonic() - started < 4
+        os.kill(m.pid, signal.SIGKILL)  # at once: no time for the half-second timer
+        assert m.wait_gone()
+        time.sleep(0.2)  # (the server logs a request once it is answered)
+        first = server.ranges(d)
+        fetched = set(first)
+        assert len(fetched) >= burst // chunk
+        check_recorded_chunks(m.cache, d)
+
+        m.cleanup()  # (the dead daemon's mount point: lazily unmounted)
+        m.start()
+        assert read_burst() == expected[:burst]
+        again = [r for r in server.ranges(d)[len(first):] if r in fetched]
+        # Unrecorded at the kill: at most the budget's worth of verified chunks, plus those
+        # whose fetch held a share of the in-flight budget (also --max-inflight) then.
+        limit = budget // chunk + budget // chunk
+        print(f"burst of {len(fetched)} chunks; fetched again after kill -9: {len(again)} "
+              f"(limit {limit})")
+        assert len(again) <= limit, f"{len(again)} of {len(fetched)} chunks fetched again"
+    finally:
+        m.cleanup()
+        server.stop()
