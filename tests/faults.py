@@ -106,6 +106,30 @@ def reply(status: int, body: bytes = b"", headers: dict[str, str] | None = None)
     return action
 
 
+def answer() -> Action:
+    """Pass the request on to the app unchanged: with `times`, a rule of it lets that many
+    requests through before the rules after it take over."""
+    async def action(faults, scope, receive, send):
+        await faults.app(scope, receive, send)
+    return action
+
+
+class Hold:
+    """An action that never answers: the request is held for as long as its client stays
+    connected (then dropped). `held`: the requests it holds right now."""
+
+    def __init__(self):
+        self.held = 0
+
+    async def __call__(self, faults, scope, receive, send):
+        self.held += 1
+        try:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+        finally:
+            self.held -= 1
+
+
 def without_range() -> Action:
     """Pass the request on with its Range header removed: the app answers 200, whole body."""
     async def action(faults, scope, receive, send):

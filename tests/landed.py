@@ -10,26 +10,44 @@ from modelfs.cache.blobcache import BlobCache
 from modelfs.cache.index import LANDED
 from modelfs.fetcher.pull import pull
 
+from . import faults as F
 
-async def stopped_pull(reg, root, client, name: str, digest: str, landed: int = 8) -> BlobCache:
+
+async def stopped_pull(reg, root, client, name: str, digest: str, landed: int = 8,
+                       concurrency: int = 4) -> BlobCache:
     """Pull `name` into a cache at `root`, stopped once `landed` chunks of `digest` are
-    recorded as LANDED; returns that cache opened afresh (as after a restart)."""
+    recorded as LANDED; returns that cache opened afresh (as after a restart).
+
+    The server answers the first `landed` range requests of `digest` and holds the ones after
+    them unanswered; the pull is stopped once those chunks are recorded and each of its
+    `concurrency` workers waits on a held request. So every request it made has reached the
+    server (is in `reg.faults.seen`) before this returns. (Stopped at some other moment, a
+    request it had just sent could reach the app only later, and a test that counts the
+    requests made after this returns would count it as one of its own.)"""
     cache = BlobCache(root, sync_interval=0.01)
-    reg.faults.delay = 0.02
+    path = "/blobs/" + digest
+    hold = F.Hold()
+    rules = [reg.faults.add("GET", path, F.answer(), times=landed),
+             reg.faults.add("GET", path, hold)]
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(functools.partial(pull, reg.name(name), client, cache,
+                                                 concurrency=concurrency,
                                                  chunk_size=64 << 10))
             with trio.fail_after(30):
                 while True:
                     stored = cache.index.load(digest)
-                    if stored is not None and stored[2].count(LANDED) >= landed:
+                    if hold.held == concurrency and stored is not None and \
+                            stored[2].count(LANDED) == landed:
                         break
                     await trio.sleep(0.01)
             nursery.cancel_scope.cancel()
     finally:
-        reg.faults.delay = 0
+        for rule in rules:
+            reg.faults.rules.remove(rule)
         cache.close()
+    # each range it asked for reached the server: the ones answered, the ones held
+    assert len(reg.faults.ranges(digest)) == landed + concurrency
     return BlobCache(root, sync_interval=0.01)
 
 
