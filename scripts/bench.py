@@ -43,7 +43,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -54,6 +53,8 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from modelfs.fs.sizes import format_size, size_arg  # noqa: E402
+# test tooling, not product code: nginx serving an exported tree, and its access log
+from tests.nginx import Nginx, NginxError  # noqa: E402
 
 MiB = 1 << 20
 MODEL = "bench/blob:latest"
@@ -129,12 +130,6 @@ def free_bytes(path: pathlib.Path) -> int:
         path = path.parent
     st = os.statvfs(path)
     return st.f_bavail * st.f_frsize
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def page_reporting() -> bool:
@@ -242,7 +237,8 @@ class Bench:
         self.fusermount = find_tool("fusermount3")
         self.mount_args = shlex.split(args.mount_args or "")
         self.pull_args = shlex.split(args.pull_args or "")
-        self.nginx: subprocess.Popen | None = None
+        self.nginx: Nginx | None = None
+        self.servers: list[Nginx] = []  # every nginx started, stopped by pid on the way out
         self.url = ""
         self.daemons: dict[pathlib.Path, int | None] = {}  # mountpoint -> daemon pid
         self.rows: list[Row] = []
@@ -356,31 +352,24 @@ class Bench:
             timeout=self.timeout_for(2 * self.args.size))
         log(f"  {out.stdout.strip()} ({time.monotonic() - t:.1f}s)")
 
-    def start_nginx(self) -> None:
-        from modelfs.fetcher.export import write_nginx_config
-        port = self.args.port or free_port()
-        ngx = self.work / "nginx"
-        conf = write_nginx_config(self.work / "export", port, ngx, nginx=self.nginx_bin)
+    def start_one_nginx(self, root: pathlib.Path, work: pathlib.Path, port: int = 0) -> Nginx:
         # its own session: a Ctrl-C reaches us, and we stop nginx ourselves, by pid
-        self.nginx = subprocess.Popen(
-            [self.nginx_bin, "-p", str(ngx), "-c", str(conf), "-e", str(ngx / "error.log")],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            start_new_session=True)
-        deadline = time.monotonic() + 15
-        while True:
-            if self.nginx.poll() is not None:
-                err = self.nginx.stderr.read().decode(errors="replace")
-                raise BenchError(f"nginx exited ({self.nginx.returncode}): {err.strip()}")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise BenchError("nginx did not start listening") from None
-                time.sleep(0.05)
-        self.url = f"http://127.0.0.1:{port}"
+        server = Nginx(self.nginx_bin, root, work, port=port)
+        try:
+            server.start(new_session=True)
+        except NginxError as exc:
+            raise BenchError(str(exc)) from None
+        finally:
+            self.servers.append(server)
+        return server
+
+    def start_nginx(self) -> None:
+        self.nginx = self.start_one_nginx(self.work / "export", self.work / "nginx",
+                                          self.args.port)
+        self.url = self.nginx.url
         version = self.run([self.nginx_bin, "-v"], check=False).stderr.strip()
-        log(f"{version} (pid {self.nginx.pid}) serving {self.work / 'export'} on {self.url}")
+        log(f"{version} (pid {self.nginx.proc.pid}) serving {self.work / 'export'} on "
+            f"{self.url}")
 
     # -- mounts --------------------------------------------------------------------------------
 
@@ -595,13 +584,8 @@ class Bench:
         if self.created_work:
             for stale in mounted_under(self.work):
                 subprocess.run([self.fusermount, "-u", "-z", str(stale)], capture_output=True)
-        if self.nginx is not None and self.nginx.poll() is None:
-            self.nginx.terminate()
-            try:
-                self.nginx.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.nginx.kill()
-                self.nginx.wait()
+        for server in self.servers:
+            server.stop()
         if self.created_work:
             if self.args.keep:
                 log(f"kept {self.work}")

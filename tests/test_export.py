@@ -7,11 +7,8 @@ import errno
 import hashlib
 import json
 import os
-import re
 import shutil
-import socket
 import subprocess
-import time
 
 import pytest
 
@@ -21,15 +18,13 @@ from modelfs.fetcher.export import ExportError, ExportIncomplete, export_tree
 
 from .conftest import sha256_file
 from .gguf_factory import make_gguf_of_size
-from .mounting import MODELFS, Mount, free_port, fuse_available, stop_process
+from .mounting import MODELFS, Mount, fuse_available
+from .nginx import Nginx
 
 MiB = 1 << 20
 CHUNK = MiB
 HOST = "registry.ollama.ai"
 TEMPLATE = "{{ .System }} {{ .Prompt }}"
-# A line of the access log nginx writes with export.write_nginx_config's format.
-_NGINX_LINE = re.compile(r'^\S+ "(?P<method>\S+) (?P<path>\S+) [^"]*" range=(?P<range>\S+) '
-                         r'(?P<status>\d+) (?P<bytes>\d+)$')
 
 
 def _import(source, name, models, *extra):
@@ -310,48 +305,6 @@ def _have_nginx() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin")
-
-
-class Nginx:
-    """nginx in the foreground, one process, serving `root`; stopped by its pid."""
-
-    def __init__(self, binary: str, root, work):
-        self.binary, self.root, self.work = binary, root, work
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = None
-
-    def start(self) -> "Nginx":
-        conf = export_mod.write_nginx_config(self.root, self.port, self.work, nginx=self.binary)
-        self.proc = subprocess.Popen(
-            [self.binary, "-p", str(self.work), "-c", str(conf), "-e",
-             str(self.work / "error.log")],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"nginx exited: {self.proc.stderr.read().decode()}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return self
-            except OSError:
-                time.sleep(0.05)
-        raise AssertionError("nginx did not start listening")
-
-    def stop(self) -> None:
-        stop_process(self.proc)
-
-    def requests(self) -> list[dict]:
-        log = self.work / "access.log"
-        if not log.exists():
-            return []
-        return [m.groupdict() for line in log.read_text().splitlines()
-                if (m := _NGINX_LINE.match(line))]
-
-    def ranges(self, digest: str) -> list[str]:
-        return [r["range"] for r in self.requests()
-                if r["method"] == "GET" and r["path"].endswith("/blobs/" + digest)
-                and r["range"] != "-"]
 
 
 @pytest.fixture
