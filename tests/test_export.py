@@ -239,6 +239,47 @@ async def test_refusals_write_nothing(world):
     assert issubclass(ExportError, ModelfsError)  # the CLI prints it as one line
 
 
+async def test_page_sized_chunks_are_the_smallest_offered(world):
+    """A registry may choose 4 KiB chunks, so export (and serve, below) must offer them for the
+    client to be tested against; below a page is refused."""
+    await _export(world, chunk_size=4 << 10)
+    _, tiny = _manifest(world, "tiny:q1")
+    model = _model_layer(tiny)
+    text = (world["dest"] / "v2" / "library" / "tiny" / "chunksums" / model["digest"]).read_text()
+    blob = world["models"] / "blobs" / model["digest"].replace(":", "-")
+    _check_chunksums(text, blob, model["size"], 4 << 10)
+    with pytest.raises(ExportError, match="between 4K and"):
+        await export_tree(world["models"], world["tmp"] / "small", chunk_size=2 << 10,
+                          state_dir=world["state"])
+    assert not (world["tmp"] / "small").exists()
+
+
+def test_cli_serve_offers_page_sized_chunks(world):
+    import urllib.request
+
+    serve = MODELFS + ["serve", "--models", str(world["models"]), "--listen", "127.0.0.1:0",
+                       "--state-dir", str(world["state"])]
+    r = subprocess.run(serve + ["--chunk-size", "2K"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2
+    assert "--chunk-size must be between 4K and 64M" in r.stderr
+    _, doc = _manifest(world, "alice/other:v2")
+    model = _model_layer(doc)
+    proc = subprocess.Popen(serve + ["--chunk-size", "4K"], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("serving"), line
+        url = f"{line.split()[-1]}/v2/alice/other/chunksums/{model['digest']}"
+        with urllib.request.urlopen(url, timeout=60) as answer:
+            text = answer.read().decode()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    blob = world["models"] / "blobs" / model["digest"].replace(":", "-")
+    _check_chunksums(text, blob, model["size"], 4 << 10)
+
+
 async def test_corrupt_or_missing_blobs_skip_only_their_model(world):
     _, tiny = _manifest(world, "tiny:q1")
     model = _model_layer(tiny)
