@@ -21,8 +21,16 @@ first. What it does:
      6  the blob read from the local disk (`dd bs=1M` of the models dir's blob file)
      7  peak RSS of the mount daemon during case 3 (its VmHWM read just before unmounting,
         and the largest VmRSS sampled during the read)
+     8  (only with `--cases 8`) case 3 and 7 once per registry chunk size (`--chunk-sizes`,
+        default 4K,64K,8M): the same blob exported with each (its own tree and nginx), read
+        cold through a fresh mount with an empty cache; the time, the daemon's peak RSS, the
+        range GETs nginx served (its access log), the time against the largest chunk size's
+        and the RSS against the daemon's memory budget (--max-inflight + its memory cache).
+        A read that runs past its limit (`--chunk-timeout`, or 10x the largest chunk size's
+        time, at least 30 s) or whose daemon grows past `--chunk-rss-limit` is stopped:
+        dd killed, the mount detached (`fusermount3 -u -z`), the daemon stopped by its pid.
 3. Prints the median of each case in seconds and MB/s (10^6 bytes/s), then the ratios against
-   the targets of issue 4, and with `--json FILE` writes every raw row.
+   the targets of issue 4 (and of case 8), and with `--json FILE` writes every raw row.
 
 Everything it starts is stopped on the way out, also on Ctrl-C, SIGTERM or an error: mounts are
 unmounted (`fusermount3 -u -z`) and their daemons killed if they linger, nginx is stopped by its
@@ -35,6 +43,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import inspect
 import json
 import mmap
 import os
@@ -43,7 +52,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -53,7 +61,12 @@ import time
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from modelfs.cache.chunks import MAX_CHUNK_BYTES  # noqa: E402
+from modelfs.fetcher.chunksum_store import MIN_CHUNK_SIZE  # noqa: E402
+from modelfs.fetcher.chunksums import MAX_CHUNKSUMS_BYTES  # noqa: E402
 from modelfs.fs.sizes import format_size, size_arg  # noqa: E402
+# test tooling, not product code: nginx serving an exported tree, and its access log
+from tests.nginx import Nginx, NginxError, blob_gets  # noqa: E402
 
 MiB = 1 << 20
 MODEL = "bench/blob:latest"
@@ -75,6 +88,9 @@ RATIOS = [
     ("case5/case6", 5, 6, 2.0, "x"),
 ]
 RSS_TARGET_MIB = 256
+CHUNK_CASE = 8  # off unless --cases names it (see parse_args)
+CHUNK_CASE_NAME = "cold read per registry chunk size"
+CHUNK_RATIO_TARGET = 1.5  # time(chunk size) / time(the largest chunk size)
 
 
 class BenchError(Exception):
@@ -129,12 +145,6 @@ def free_bytes(path: pathlib.Path) -> int:
         path = path.parent
     st = os.statvfs(path)
     return st.f_bavail * st.f_frsize
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def page_reporting() -> bool:
@@ -230,6 +240,35 @@ class RssRow:
     max_vm_rss_kib: int
 
 
+@dataclasses.dataclass
+class ChunkRow:
+    """One cold read of case 8 at one registry chunk size."""
+    run: int
+    chunk_bytes: int
+    chunk: str  # as shown: 4K, 64K, 8M
+    seconds: float  # until dd finished, or until the read was stopped
+    completed: bool
+    stopped: str  # why it was stopped ("" if it completed)
+    limit_s: float  # the time limit it ran under
+    bytes_read: int  # by dd: the blob's size, or how far it got before it was stopped
+    idle_rss_kib: int  # the daemon's VmRSS right after mounting, before the read
+    vm_hwm_kib: int  # the daemon's VmHWM at the end of the read (or when it was stopped)
+    max_vm_rss_kib: int  # the largest VmRSS sampled during the read
+    range_gets: int  # GETs of the blob with a Range header that nginx logged
+    bytes_served: int  # body bytes of those GETs
+    cpu: float
+
+    @property
+    def mb_s(self) -> float:
+        return self.bytes_read / 1e6 / self.seconds if self.seconds > 0 else float("inf")
+
+
+def chunk_label(n: int) -> str:
+    if n % MiB == 0:
+        return f"{n // MiB}M"
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace):
         self.args = args
@@ -242,8 +281,16 @@ class Bench:
         self.fusermount = find_tool("fusermount3")
         self.mount_args = shlex.split(args.mount_args or "")
         self.pull_args = shlex.split(args.pull_args or "")
-        self.nginx: subprocess.Popen | None = None
+        self.nginx: Nginx | None = None
+        self.servers: list[Nginx] = []  # every nginx started, stopped by pid on the way out
         self.url = ""
+        # case 8: largest chunk size first (the reference, whose time bounds the others')
+        self.chunk_sizes: list[int] = sorted(set(args.chunk_sizes), reverse=True)
+        self.chunk_nginx: dict[int, Nginx] = {}  # chunk size -> nginx serving its tree
+        self.chunk_skipped: dict[int, str] = {}  # chunk size -> why case 8 cannot read it
+        self.chunk_rows: list[ChunkRow] = []
+        self.budget: tuple[int, int] = (0, 0)  # the daemon's (in-flight, memory cache) bytes
+        self.rss_limit = 0
         self.daemons: dict[pathlib.Path, int | None] = {}  # mountpoint -> daemon pid
         self.rows: list[Row] = []
         self.rss: list[RssRow] = []
@@ -313,8 +360,9 @@ class Bench:
             for stale in mounted_under(self.work):  # left by a run that was killed
                 log(f"unmounting stale mount {stale}")
                 subprocess.run([self.fusermount, "-u", "-z", str(stale)], capture_output=True)
-            for child in self.work.iterdir():  # keep only a reusable model and export
-                if child.name not in ("models", "export", "state", MARKER):
+            for child in self.work.iterdir():  # keep only a reusable model and its exports
+                if child.name not in ("models", "export", "state", MARKER) \
+                        and not child.name.startswith("export-"):
                     _remove(child)
         else:
             self.work.mkdir(parents=True)
@@ -333,6 +381,8 @@ class Bench:
         if not (stamp.exists() and stamp.read_text() == want and manifest.exists()):
             for d in ("models", "export", "state"):
                 _remove(self.work / d)
+            for d in self.work.glob("export-*"):
+                _remove(d)
             from tests.gguf_factory import make_gguf_of_size
             source = self.work / "source.gguf"
             log(f"generating a {format_size(self.args.size)} GGUF")
@@ -356,39 +406,83 @@ class Bench:
             timeout=self.timeout_for(2 * self.args.size))
         log(f"  {out.stdout.strip()} ({time.monotonic() - t:.1f}s)")
 
-    def start_nginx(self) -> None:
-        from modelfs.fetcher.export import write_nginx_config
-        port = self.args.port or free_port()
-        ngx = self.work / "nginx"
-        conf = write_nginx_config(self.work / "export", port, ngx, nginx=self.nginx_bin)
+    def make_chunk_exports(self) -> None:
+        """Case 8: the models dir exported once per chunk size, each tree its own (a tree has
+        one chunk list per blob); the blob entries are hard links to the same file."""
+        for chunk in self.chunk_sizes:
+            label = chunk_label(chunk)
+            dest = self.work / f"export-{label}"
+            t = time.monotonic()
+            self.run(self.modelfs + [
+                "serve", "--models", str(self.work / "models"), "--export", str(dest),
+                "--state-dir", str(self.work / "state"), "--chunk-size", str(chunk)],
+                timeout=self.timeout_for(2 * self.args.size))
+            listing = dest / "v2" / "bench" / "blob" / "chunksums" / self.digest
+            nbytes = listing.stat().st_size
+            log(f"  exported with {label} chunks: a chunk list of {format_size(nbytes)} "
+                f"({time.monotonic() - t:.1f}s)")
+            if nbytes > MAX_CHUNKSUMS_BYTES:  # the client would refuse it: not a fetcher case
+                self.chunk_skipped[chunk] = (
+                    f"its chunk list is {format_size(nbytes)}, over the client's "
+                    f"{format_size(MAX_CHUNKSUMS_BYTES)} limit (MAX_CHUNKSUMS_BYTES); use a "
+                    f"smaller --size")
+                log(f"  case 8 skips {label}: {self.chunk_skipped[chunk]}")
+
+    def memory_budget(self) -> tuple[int, int]:
+        """The daemon's memory budget as configured: (--max-inflight, memory cache) in bytes,
+        from the mount's option parser given --mount-args (its defaults otherwise) and, for
+        the memory cache, which is no mount option, the Materializer's default (the mount
+        does not pass one)."""
+        from modelfs.fetcher.materializer import Materializer
+        from modelfs.fs.cli import build_parser
+        try:
+            opts = build_parser().parse_args(["mount", str(self.work / "mnt"),
+                                              *self.mount_args])
+        except SystemExit:
+            raise BenchError(f"--mount-args {shlex.join(self.mount_args)!r} are not "
+                             "`modelfs mount` options") from None
+        memory = getattr(opts, "memory_cache", None)
+        if memory is None:
+            param = inspect.signature(Materializer).parameters.get("memory_cache")
+            memory = param.default if param is not None else 0
+        return opts.max_inflight, memory
+
+    def start_one_nginx(self, root: pathlib.Path, work: pathlib.Path, port: int = 0) -> Nginx:
         # its own session: a Ctrl-C reaches us, and we stop nginx ourselves, by pid
-        self.nginx = subprocess.Popen(
-            [self.nginx_bin, "-p", str(ngx), "-c", str(conf), "-e", str(ngx / "error.log")],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            start_new_session=True)
-        deadline = time.monotonic() + 15
-        while True:
-            if self.nginx.poll() is not None:
-                err = self.nginx.stderr.read().decode(errors="replace")
-                raise BenchError(f"nginx exited ({self.nginx.returncode}): {err.strip()}")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise BenchError("nginx did not start listening") from None
-                time.sleep(0.05)
-        self.url = f"http://127.0.0.1:{port}"
+        server = Nginx(self.nginx_bin, root, work, port=port)
+        try:
+            server.start(new_session=True)
+        except NginxError as exc:
+            raise BenchError(str(exc)) from None
+        finally:
+            self.servers.append(server)
+        return server
+
+    def start_nginx(self) -> None:
+        self.nginx = self.start_one_nginx(self.work / "export", self.work / "nginx",
+                                          self.args.port)
+        self.url = self.nginx.url
         version = self.run([self.nginx_bin, "-v"], check=False).stderr.strip()
-        log(f"{version} (pid {self.nginx.pid}) serving {self.work / 'export'} on {self.url}")
+        log(f"{version} (pid {self.nginx.proc.pid}) serving {self.work / 'export'} on "
+            f"{self.url}")
+        if CHUNK_CASE in self.args.cases:
+            for chunk in self.chunk_sizes:
+                if chunk in self.chunk_skipped:
+                    continue
+                label = chunk_label(chunk)
+                server = self.start_one_nginx(self.work / f"export-{label}",
+                                              self.work / f"nginx-{label}")
+                self.chunk_nginx[chunk] = server
+                log(f"  nginx (pid {server.proc.pid}) serving the {label} export on "
+                    f"{server.url}")
 
     # -- mounts --------------------------------------------------------------------------------
 
-    def mount(self, mnt: pathlib.Path, cache: pathlib.Path) -> int:
+    def mount(self, mnt: pathlib.Path, cache: pathlib.Path, url: str | None = None) -> int:
         mnt.mkdir(parents=True, exist_ok=True)
         self.daemons[mnt] = None
-        out = self.run(self.modelfs + ["mount", str(mnt), "--registry", self.url, "--cache",
-                                       str(cache), *self.mount_args], timeout=120)
+        out = self.run(self.modelfs + ["mount", str(mnt), "--registry", url or self.url,
+                                       "--cache", str(cache), *self.mount_args], timeout=120)
         m = re.search(r"daemon pid (\d+)", out.stdout)
         if not m:
             raise BenchError(f"no daemon pid in the mount's output: {out.stdout.strip()!r}")
@@ -404,6 +498,17 @@ class Bench:
                 subprocess.run([self.fusermount, "-u", "-z", str(mnt)], capture_output=True)
         if pid is not None:
             _stop_pid(pid, grace=15)
+
+    def detach(self, mnt: pathlib.Path) -> None:
+        """Unmount a mount whose read was stopped: lazily (its reader may still hang in a FUSE
+        request), then stop its daemon by pid; a clean unmount would wait for the daemon's
+        backlog first."""
+        pid = self.daemons.pop(mnt, None)
+        subprocess.run([self.fusermount, "-u", "-z", str(mnt)], capture_output=True)
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            _stop_pid(pid, grace=10)
 
     # -- the cases -----------------------------------------------------------------------------
 
@@ -499,18 +604,111 @@ class Bench:
         elapsed, nbytes = self.dd(self.blob_path)
         self.record(run, 6, elapsed, nbytes)
 
+    def case_chunk_sizes(self, run: int) -> None:
+        sizes = [c for c in self.chunk_sizes if c not in self.chunk_skipped]
+        if not sizes:
+            return
+        k = (run - 1) % len(sizes)  # rotated like the cases (run 1: the largest first)
+        order = sizes[k:] + sizes[:k]
+        if run % 2 == 0:
+            order.reverse()
+        for chunk in order:
+            self.chunk_read(run, chunk)
+
+    def chunk_limit(self) -> float:
+        """How long one read of case 8 may take: --chunk-timeout, or less once the largest
+        chunk size has a time: 10x that, at least 30 s (a read that slow misses its 1.5x
+        target by far; how far does not need the rest of the read)."""
+        ref = [r.seconds for r in self.chunk_rows
+               if r.chunk_bytes == self.chunk_sizes[0] and r.completed]
+        if not ref:
+            return self.args.chunk_timeout
+        return min(self.args.chunk_timeout, max(10 * median(ref), 30.0))
+
+    def chunk_read(self, run: int, chunk: int) -> None:
+        label, server = chunk_label(chunk), self.chunk_nginx[chunk]
+        cache, mnt = self.work / "chunk-cache", self.work / "mnt"
+        _remove(cache)
+        pid = self.mount(mnt, cache, server.url)
+        idle = proc_status(pid).get("VmRSS", 0)
+        mark = server.log_size()  # the access log from here on is this read's
+        limit = self.chunk_limit()
+        self.drop_caches()
+        sampler = _RssSampler(pid, limit_kib=self.rss_limit // 1024)
+        sampler.start()
+        cmd = [self.dd_bin, f"if={mnt.joinpath(*MODEL_PATH)}", "of=/dev/null", "bs=1M"]
+        t = time.monotonic()
+        dd = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+        stopped, got = "", -1
+        try:
+            while dd.poll() is None:
+                if sampler.over.wait(0.05):
+                    stopped = f"daemon RSS over {format_size(self.rss_limit)}"
+                elif time.monotonic() - t > limit:
+                    stopped = f"over the {limit:.0f} s limit"
+                if stopped:
+                    got = _fd_pos(dd.pid, 0)  # dd reads its input as fd 0
+                    break
+            elapsed = time.monotonic() - t
+            hwm = proc_status(pid).get("VmHWM", 0)  # before the daemon goes: its whole life
+        finally:
+            sampler.stop()
+            if dd.poll() is None:
+                dd.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    dd.wait(timeout=10)  # else it waits in a FUSE request: detach() ends it
+        cpu = cpu_seconds() - self.cpu_mark
+        if stopped:
+            self.detach(mnt)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                dd.wait(timeout=30)
+            if dd.poll() is None:
+                log(f"  dd (pid {dd.pid}) is still in a read of the detached mount")
+        else:
+            err = dd.stderr.read()
+            m = re.search(r"^(\d+) bytes", err, re.MULTILINE)
+            got = int(m.group(1)) if m else -1
+            if dd.returncode != 0 or got != self.blob_size:
+                tail = _tail(cache / "mount.log", 5)
+                self.unmount(mnt)
+                raise BenchError(f"case 8, {label} chunks: dd failed ({dd.returncode}, read "
+                                 f"{got} of {self.blob_size} bytes): {err.strip()[-500:]}"
+                                 f"\nmount.log ends:\n{tail}")
+            self.unmount(mnt)
+        # after the unmount: the GETs still in flight at the end are logged too
+        requests = server.requests(mark)
+        gets = blob_gets(requests, self.digest)
+        row = ChunkRow(run, chunk, label, elapsed, not stopped, stopped, limit, got, idle, hwm,
+                       sampler.max_rss, len(gets), sum(int(r["bytes"]) for r in gets), cpu)
+        self.chunk_rows.append(row)
+        done = (f"{elapsed:.3f}s, {row.mb_s:.1f} MB/s" if row.completed else
+                f"STOPPED after {elapsed:.1f}s ({stopped}), "
+                f"{format_size(max(got, 0))} of {format_size(self.blob_size)} read")
+        log(f"  run {run} case 8 {label} chunks: {done}, VmHWM {hwm / 1024:.1f} MiB "
+            f"(sampled {sampler.max_rss / 1024:.1f}, idle {idle / 1024:.1f}), "
+            f"{row.range_gets} range GETs, {row.bytes_served / 1e6:.1f} MB served, "
+            f"{cpu:.1f} CPU s")
+        _remove(cache)
+
     # -- the whole thing -----------------------------------------------------------------------
 
     def main(self) -> None:
         self.prepare_workdir()
         self.make_model()
+        if CHUNK_CASE in self.args.cases:
+            self.budget = self.memory_budget()
+            # the guard against a daemon that would take the machine's memory (4 KiB chunks
+            # took 12.9 GB in 120 s): a quarter of what is free, at most 4 GiB, unless given
+            self.rss_limit = self.args.chunk_rss_limit or min(4 << 30, mem_available() // 4)
+            self.make_chunk_exports()
         self.start_nginx()
         # Each run takes the cases in another order (rotated, and every other run reversed),
         # so that no case always comes right after the same other one: a pull leaves 2 GiB
         # just written behind it, and on a VM the host may still be busy with them when the
         # next case starts (see also --settle).
         cases = [self.case_download, self.case_pull, self.case_cold_and_warm,
-                 self.case_first_mib, self.case_local]
+                 self.case_first_mib, self.case_local, self.case_chunk_sizes]
         cases = [c for c in cases if CASE_GROUPS[c.__name__] & self.args.cases]
         for run in range(1, self.args.runs + 1):
             k = (run - 1) % len(cases)
@@ -542,8 +740,9 @@ class Bench:
         elif page_reporting():
             print("  memory NOT primed (--prime 0): each case's fresh pages cost what the case "
                   "before it left behind")
-        print()
-        print(f"  {'case':<44} {'seconds':>9} {'MB/s':>9} {'CPU s':>6}   runs (s)")
+        if self.rows or self.rss:
+            print()
+            print(f"  {'case':<44} {'seconds':>9} {'MB/s':>9} {'CPU s':>6}   runs (s)")
         for c, rows in by_case.items():
             if not rows:
                 continue
@@ -556,6 +755,9 @@ class Bench:
             sampled = max(r.max_vm_rss_kib for r in self.rss) / 1024
             print(f"  7 {'peak RSS of the mount daemon in case 3':<42} {hwm:>9.1f} MiB"
                   f"   (VmHWM; largest sampled VmRSS {sampled:.1f} MiB)")
+        chunk_summary = self.chunk_summary()
+        if CHUNK_CASE in a.cases:
+            self.report_chunk_sizes(chunk_summary)
         print()
         print(f"  {'ratio':<14} {'value':>9} {'target':>10}")
         ratios = {}
@@ -571,6 +773,7 @@ class Bench:
             goal = f"<= {RSS_TARGET_MIB}"
             print(f"  {'peak RSS MiB':<14} {hwm:>9.1f} {goal:>10}   "
                   f"{'ok' if hwm <= RSS_TARGET_MIB else 'MISS'}")
+        self.report_chunk_ratios(chunk_summary)
         if a.json:
             doc = {
                 "model": MODEL, "digest": self.digest, "blob_bytes": self.blob_size,
@@ -582,8 +785,103 @@ class Bench:
                 "median_seconds": {str(c): v for c, v in med.items()},
                 "ratios": ratios, "peak_rss_mib": hwm,
             }
+            if CHUNK_CASE in a.cases:
+                doc["chunk_sizes"] = {
+                    "memory_budget_bytes": sum(self.budget),
+                    "max_inflight_bytes": self.budget[0], "memory_cache_bytes": self.budget[1],
+                    "rss_limit_bytes": self.rss_limit, "timeout_s": a.chunk_timeout,
+                    "skipped": {chunk_label(c): why for c, why in self.chunk_skipped.items()},
+                    "summary": [{k: v for k, v in item.items() if k != "rows"}
+                                for item in chunk_summary],
+                    "rows": [dict(dataclasses.asdict(r), mb_s=r.mb_s) for r in self.chunk_rows],
+                }
             a.json.write_text(json.dumps(doc, indent=2) + "\n")
             print(f"\n  raw rows written to {a.json}")
+
+    def chunk_summary(self) -> list[dict]:
+        """Case 8 per chunk size, largest first: the median time and VmHWM when every run
+        completed; when one was stopped, bounds instead (the time at least the shortest stop,
+        the VmHWM at least the largest seen), marked `stopped`."""
+        out = []
+        for chunk in self.chunk_sizes:
+            rows = [r for r in self.chunk_rows if r.chunk_bytes == chunk]
+            if not rows:
+                continue
+            stopped = [r for r in rows if not r.completed]
+            if stopped:
+                seconds = min(r.seconds for r in stopped)
+                hwm = max(r.vm_hwm_kib for r in rows) / 1024
+            else:
+                seconds = median([r.seconds for r in rows])
+                hwm = median([r.vm_hwm_kib for r in rows]) / 1024
+            out.append({
+                "chunk": chunk_label(chunk), "chunk_bytes": chunk, "rows": rows,
+                "stopped": bool(stopped), "why": stopped[0].stopped if stopped else "",
+                "seconds": seconds, "vm_hwm_mib": hwm,
+                "idle_rss_mib": median([r.idle_rss_kib for r in rows]) / 1024,
+                "max_sampled_rss_mib": max(r.max_vm_rss_kib for r in rows) / 1024,
+                "range_gets": median([r.range_gets for r in rows]),
+                "mb_served": median([r.bytes_served for r in rows]) / 1e6,
+                "cpu": median([r.cpu for r in rows]),
+            })
+        ref = out[0] if out and out[0]["chunk_bytes"] == self.chunk_sizes[0] else None
+        for item in out:
+            item["ratio"] = (None if ref is None or ref["stopped"] or ref["seconds"] <= 0
+                             else item["seconds"] / ref["seconds"])
+        return out
+
+    def report_chunk_sizes(self, summary: list[dict]) -> None:
+        inflight, memory = self.budget
+        print()
+        print(f"  {CHUNK_CASE} {CHUNK_CASE_NAME} (fresh mount, empty cache; one nginx per "
+              f"chunk size)")
+        print(f"    the daemon's memory budget: {sum(self.budget) / MiB:.1f} MiB = "
+              f"--max-inflight {inflight / MiB:.1f} MiB + memory cache {memory / MiB:.1f} MiB; "
+              f"a read is stopped past {format_size(self.rss_limit)} of RSS or its time limit "
+              f"(--chunk-timeout {self.args.chunk_timeout:g} s, or 10x the "
+              f"{chunk_label(self.chunk_sizes[0])} time, at least 30 s)")
+        print(f"    {'chunk':<6} {'seconds':>10} {'MB/s':>8} {'CPU s':>6} {'VmHWM MiB':>10} "
+              f"{'idle MiB':>9} {'range GETs':>11} {'MB served':>10}   runs (s)")
+        for item in summary:
+            rows = item["rows"]
+            secs = (f"> {item['seconds']:.3f}" if item["stopped"] else f"{item['seconds']:.3f}")
+            mb_s = self.blob_size / 1e6 / item["seconds"] if item["seconds"] > 0 else 0.0
+            speed = f"< {mb_s:.1f}" if item["stopped"] else f"{mb_s:.1f}"
+            hwm = (f">= {item['vm_hwm_mib']:.1f}" if item["stopped"]
+                   else f"{item['vm_hwm_mib']:.1f}")
+            runs = " ".join(f"{r.seconds:.3f}" if r.completed else
+                            f"stopped@{r.seconds:.1f}({r.stopped}; read "
+                            f"{max(r.bytes_read, 0) / 1e6:.0f} MB)" for r in rows)
+            print(f"    {item['chunk']:<6} {secs:>10} {speed:>8} {item['cpu']:>6.1f} {hwm:>10} "
+                  f"{item['idle_rss_mib']:>9.1f} {item['range_gets']:>11.0f} "
+                  f"{item['mb_served']:>10.1f}   {runs}")
+        for chunk, why in self.chunk_skipped.items():
+            print(f"    {chunk_label(chunk):<6} skipped: {why}")
+
+    def report_chunk_ratios(self, summary: list[dict]) -> None:
+        if not summary:
+            return
+        budget_mib = sum(self.budget) / MiB
+        ref = chunk_label(self.chunk_sizes[0])
+        for item in summary[1:] if summary[0]["chunk"] == ref else summary:
+            name = f"case8 {item['chunk']}/{ref}"
+            goal = f"<= {CHUNK_RATIO_TARGET:.1f}"
+            if item["ratio"] is None:
+                print(f"  {name:<14} {'n/a':>9} {goal:>10}   MISS ({ref} has no time)")
+                continue
+            shown = ("> " if item["stopped"] else "") + f"{item['ratio']:.2f}"
+            verdict = ("MISS (stopped)" if item["stopped"] else
+                       "ok" if item["ratio"] <= CHUNK_RATIO_TARGET else "MISS")
+            print(f"  {name:<14} {shown:>9} {goal:>10}   {verdict}")
+        goal = f"<= {budget_mib:.1f}"
+        for item in summary:
+            name = f"RSS MiB {item['chunk']}"
+            over = item["vm_hwm_mib"] > budget_mib
+            # a stopped read within the budget so far has not shown that it stays there
+            verdict = ("MISS" if over else "stopped" if item["stopped"] else "ok") \
+                + (" (stopped)" if item["stopped"] and over else "")
+            shown = (">=" if item["stopped"] else "") + f"{item['vm_hwm_mib']:.1f}"
+            print(f"  {name:<14} {shown:>9} {goal:>10}   {verdict}")
 
     def cleanup(self) -> None:
         for mnt in list(self.daemons):
@@ -595,13 +893,8 @@ class Bench:
         if self.created_work:
             for stale in mounted_under(self.work):
                 subprocess.run([self.fusermount, "-u", "-z", str(stale)], capture_output=True)
-        if self.nginx is not None and self.nginx.poll() is None:
-            self.nginx.terminate()
-            try:
-                self.nginx.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.nginx.kill()
-                self.nginx.wait()
+        for server in self.servers:
+            server.stop()
         if self.created_work:
             if self.args.keep:
                 log(f"kept {self.work}")
@@ -612,10 +905,12 @@ class Bench:
 
 
 class _RssSampler:
-    """The largest VmRSS of a process, sampled every 50 ms in a thread."""
+    """The largest VmRSS of a process, sampled every 50 ms in a thread; `over` is set once it
+    passes `limit_kib` (if given)."""
 
-    def __init__(self, pid: int):
-        self.pid, self.max_rss = pid, 0
+    def __init__(self, pid: int, limit_kib: int = 0):
+        self.pid, self.max_rss, self.limit_kib = pid, 0, limit_kib
+        self.over = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -629,6 +924,8 @@ class _RssSampler:
 
     def _sample(self) -> None:
         self.max_rss = max(self.max_rss, proc_status(self.pid).get("VmRSS", 0))
+        if self.limit_kib and self.max_rss > self.limit_kib:
+            self.over.set()
 
     def _loop(self) -> None:
         while not self._stop.wait(0.05):
@@ -643,6 +940,25 @@ def _remove(path: pathlib.Path) -> None:
     else:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+
+
+def _fd_pos(pid: int, fd: int) -> int:
+    """The file offset of a process's fd (-1 if it cannot be read)."""
+    try:
+        with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+            for line in f:
+                if line.startswith("pos:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return -1
+
+
+def _tail(path: pathlib.Path, lines: int) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(none)"
 
 
 def _stop_pid(pid: int, grace: float) -> None:
@@ -660,7 +976,7 @@ def _stop_pid(pid: int, grace: float) -> None:
 
 # which of the numbered cases each case method measures
 CASE_GROUPS = {"case_download": {1}, "case_pull": {2}, "case_cold_and_warm": {3, 5, 7},
-               "case_first_mib": {4}, "case_local": {6}}
+               "case_first_mib": {4}, "case_local": {6}, "case_chunk_sizes": {CHUNK_CASE}}
 
 
 def _prime_arg(text: str) -> int | None:
@@ -674,9 +990,24 @@ def _case_list(text: str) -> set[int]:
         cases = {int(part) for part in text.split(",") if part.strip()}
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a list of case numbers: {text!r}") from None
-    if not cases or not cases <= set(CASES) | {7}:
-        raise argparse.ArgumentTypeError(f"cases are numbered 1 to 7, not {text!r}")
+    if not cases or not cases <= set(CASES) | {7, CHUNK_CASE}:
+        raise argparse.ArgumentTypeError(f"cases are numbered 1 to {CHUNK_CASE}, not {text!r}")
     return cases
+
+
+def _chunk_sizes(text: str) -> list[int]:
+    try:
+        sizes = [size_arg(part.strip()) for part in text.split(",") if part.strip()]
+    except (argparse.ArgumentTypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"not a list of sizes: {text!r}") from None
+    if not sizes:
+        raise argparse.ArgumentTypeError("no chunk sizes given")
+    for n in sizes:  # what `modelfs serve --export` accepts
+        if not MIN_CHUNK_SIZE <= n <= MAX_CHUNK_BYTES:
+            raise argparse.ArgumentTypeError(
+                f"chunk sizes must be between {chunk_label(MIN_CHUNK_SIZE)} and "
+                f"{chunk_label(MAX_CHUNK_BYTES)}, not {chunk_label(n)}")
+    return sizes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -707,7 +1038,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "host, else 0; see prime_memory)")
     p.add_argument("--cases", type=_case_list, default=set(CASES), metavar="N,N",
                    help="run only these cases, e.g. 1,3 (3, 5 and 7 always run together; "
-                   "default all)")
+                   f"default 1 to 7; case {CHUNK_CASE}, the cold read per --chunk-sizes, runs "
+                   "only when named)")
+    p.add_argument("--chunk-sizes", type=_chunk_sizes, default=_chunk_sizes("4K,64K,8M"),
+                   metavar="SIZE,SIZE", help=f"case {CHUNK_CASE}: the registry chunk sizes to "
+                   "export the blob with and read it cold in; times are compared with the "
+                   "largest's (default 4K,64K,8M)")
+    p.add_argument("--chunk-timeout", type=float, default=120.0, metavar="S",
+                   help=f"case {CHUNK_CASE}: a read still running after this long (or after "
+                   "10x the largest chunk size's time, at least 30 s) is stopped and reported "
+                   "as such (default 120)")
+    p.add_argument("--chunk-rss-limit", type=size_arg, default=None, metavar="SIZE",
+                   help=f"case {CHUNK_CASE}: a read whose daemon's RSS passes this is stopped "
+                   "(default a quarter of the available memory, at most 4G)")
     p.add_argument("--seed", type=int, default=7, help=argparse.SUPPRESS)
     p.add_argument("--no-drop-caches", action="store_true",
                    help="do not drop the page cache (for non-root runs; cold cases are then warm)")

@@ -7,11 +7,8 @@ import errno
 import hashlib
 import json
 import os
-import re
 import shutil
-import socket
 import subprocess
-import time
 
 import pytest
 
@@ -22,15 +19,13 @@ from modelfs.fetcher.export import ExportError, ExportIncomplete, export_tree
 
 from .conftest import sha256_file
 from .gguf_factory import make_gguf_of_size
-from .mounting import MODELFS, Mount, free_port, fuse_available, stop_process
+from .mounting import MODELFS, Mount, fuse_available
+from .nginx import Nginx
 
 MiB = 1 << 20
 CHUNK = MiB
 HOST = "registry.ollama.ai"
 TEMPLATE = "{{ .System }} {{ .Prompt }}"
-# A line of the access log nginx writes with export.write_nginx_config's format.
-_NGINX_LINE = re.compile(r'^\S+ "(?P<method>\S+) (?P<path>\S+) [^"]*" range=(?P<range>\S+) '
-                         r'(?P<status>\d+) (?P<bytes>\d+)$')
 
 
 def _import(source, name, models, *extra):
@@ -245,6 +240,47 @@ async def test_refusals_write_nothing(world):
     assert issubclass(ExportError, ModelfsError)  # the CLI prints it as one line
 
 
+async def test_page_sized_chunks_are_the_smallest_offered(world):
+    """A registry may choose 4 KiB chunks, so export (and serve, below) must offer them for the
+    client to be tested against; below a page is refused."""
+    await _export(world, chunk_size=4 << 10)
+    _, tiny = _manifest(world, "tiny:q1")
+    model = _model_layer(tiny)
+    text = (world["dest"] / "v2" / "library" / "tiny" / "chunksums" / model["digest"]).read_text()
+    blob = world["models"] / "blobs" / model["digest"].replace(":", "-")
+    _check_chunksums(text, blob, model["size"], 4 << 10)
+    with pytest.raises(ExportError, match="between 4K and"):
+        await export_tree(world["models"], world["tmp"] / "small", chunk_size=2 << 10,
+                          state_dir=world["state"])
+    assert not (world["tmp"] / "small").exists()
+
+
+def test_cli_serve_offers_page_sized_chunks(world):
+    import urllib.request
+
+    serve = MODELFS + ["serve", "--models", str(world["models"]), "--listen", "127.0.0.1:0",
+                       "--state-dir", str(world["state"])]
+    r = subprocess.run(serve + ["--chunk-size", "2K"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2
+    assert "--chunk-size must be between 4K and 64M" in r.stderr
+    _, doc = _manifest(world, "alice/other:v2")
+    model = _model_layer(doc)
+    proc = subprocess.Popen(serve + ["--chunk-size", "4K"], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("serving"), line
+        url = f"{line.split()[-1]}/v2/alice/other/chunksums/{model['digest']}"
+        with urllib.request.urlopen(url, timeout=60) as answer:
+            text = answer.read().decode()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    blob = world["models"] / "blobs" / model["digest"].replace(":", "-")
+    _check_chunksums(text, blob, model["size"], 4 << 10)
+
+
 async def test_corrupt_or_missing_blobs_skip_only_their_model(world):
     _, tiny = _manifest(world, "tiny:q1")
     model = _model_layer(tiny)
@@ -311,48 +347,6 @@ def _have_nginx() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin")
-
-
-class Nginx:
-    """nginx in the foreground, one process, serving `root`; stopped by its pid."""
-
-    def __init__(self, binary: str, root, work):
-        self.binary, self.root, self.work = binary, root, work
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = None
-
-    def start(self) -> "Nginx":
-        conf = export_mod.write_nginx_config(self.root, self.port, self.work, nginx=self.binary)
-        self.proc = subprocess.Popen(
-            [self.binary, "-p", str(self.work), "-c", str(conf), "-e",
-             str(self.work / "error.log")],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"nginx exited: {self.proc.stderr.read().decode()}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return self
-            except OSError:
-                time.sleep(0.05)
-        raise AssertionError("nginx did not start listening")
-
-    def stop(self) -> None:
-        stop_process(self.proc)
-
-    def requests(self) -> list[dict]:
-        log = self.work / "access.log"
-        if not log.exists():
-            return []
-        return [m.groupdict() for line in log.read_text().splitlines()
-                if (m := _NGINX_LINE.match(line))]
-
-    def ranges(self, digest: str) -> list[str]:
-        return [r["range"] for r in self.requests()
-                if r["method"] == "GET" and r["path"].endswith("/blobs/" + digest)
-                and r["range"] != "-"]
 
 
 @pytest.fixture
