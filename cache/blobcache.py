@@ -34,6 +34,8 @@ from .errors import ModelfsError
 from .index import ChunkIndex
 from .lowprio import LowPriorityThread
 from .partial import UNRECORDED_LIMIT, PartialBlob, UnrecordedBudget, partial_name
+from .readers import ReaderActivity
+from .sealedfile import SealedFile
 from .store import ModelsDir
 
 log = logging.getLogger(__name__)
@@ -87,7 +89,7 @@ class BlobCache:
 
     def __init__(self, root: os.PathLike | str, *, durable: bool = True, io_threads: int = 4,
                  cap: int | None = None, min_free: int | None = None,
-                 sync_interval: float = 0.5, background_seal: bool = False,
+                 sync_interval: float = 0.5, readers: ReaderActivity | None = None,
                  max_unrecorded: int = UNRECORDED_LIMIT):
         self.root = pathlib.Path(root)
         self.store = ModelsDir(self.root).create()
@@ -106,11 +108,18 @@ class BlobCache:
         self.limiter = trio.CapacityLimiter(io_threads)
         # Memory for chunk bytes, shared by the blobs and the fetcher (cache/chunkbuf.py).
         self.pool = BufferPool()
-        # Sealers hash in a thread at the lowest priority when readers come first (a mount);
-        # in trio's threads when the seal is what everyone waits for (a pull).
-        self.hash_thread = LowPriorityThread(name="modelfs-sealer") if background_seal \
+        # A mount's readers (readers.py), or None (a pull). Where readers come first, sealers
+        # wait for them and hash in a thread at the lowest priority; where the seal is what
+        # everyone waits for, in trio's threads.
+        self.readers = readers
+        self.hash_thread = LowPriorityThread(name="modelfs-sealer") if readers is not None \
             else None
+        # The one open object of each blob: in progress (or sealed by us, until it is
+        # released), and sealed blobs opened for reading. Readers ask for them here each time
+        # (`current`, `sealed_file`), so a blob replaced, dropped or unsealed is never read
+        # through an object nobody owns any more.
         self._open: dict[str, PartialBlob] = {}
+        self._sealed_files: dict[str, SealedFile] = {}
         self._retired: list[PartialBlob] = []  # replaced while readers may still hold them
         self._adopting: dict[str, trio.Lock] = {}
         self._clean_leftovers()
@@ -134,6 +143,8 @@ class BlobCache:
         for blob in [*self._open.values(), *self._retired]:
             blob.close()
         self._open.clear()
+        for digest in list(self._sealed_files):
+            self._close_sealed(digest)
         self._retired.clear()
         self.pool.close()
         if self.hash_thread is not None:
@@ -196,7 +207,7 @@ class BlobCache:
                            reserve=self.budget.reserve, sealed=sealed,
                            sync_interval=self.sync_interval, pool=self.pool,
                            hash_thread=self.hash_thread, check_whole=check_whole,
-                           unrecorded=self.unrecorded)
+                           unrecorded=self.unrecorded, readers=self.readers)
 
     def open_partial(self, digest: str, size: int, chunks: list[Chunk], *,
                      check_whole: bool = False) -> PartialBlob:
@@ -251,6 +262,43 @@ class BlobCache:
             log.warning("chunk index entry of %s is unusable (%s); ignoring it", digest[:19], exc)
             return None
 
+    def current(self, digest: str) -> PartialBlob | None:
+        """The in-progress blob of `digest` open now, if any (nothing is opened)."""
+        blob = self._open.get(digest)
+        return blob if blob is not None and not blob.sealed else None
+
+    async def sealed_file(self, digest: str, size: int) -> SealedFile | None:
+        """The sealed blob of `digest` opened for reading (once; kept until it is unsealed or
+        the cache closes), or None: not sealed, or in progress here (only its own seal moves
+        it into blobs/). A file in blobs/ we did not seal is hashed first (adopt_sealed)."""
+        if self.current(digest) is not None:
+            return None
+        sealed = self._sealed_files.get(digest)
+        if sealed is not None:
+            return sealed
+        if not await self.adopt_sealed(digest, size):
+            return None
+        sealed = self._sealed_files.get(digest)  # opened by another read meanwhile
+        if sealed is None and self.current(digest) is None:
+            try:
+                sealed = SealedFile(self.store.blob_path(digest), size, self.pool,
+                                    self.limiter)
+            except FileNotFoundError:
+                return None
+            self._sealed_files[digest] = sealed
+        return sealed
+
+    def open_sealed(self, digest: str) -> SealedFile | None:
+        """The sealed blob of `digest` if it is open for reading now (nothing is opened)."""
+        return self._sealed_files.get(digest)
+
+    def _close_sealed(self, digest: str) -> None:
+        """No longer readable as sealed (unsealed, dropped). Never under a read: reads pin
+        the blob, and the budget neither unseals nor drops a pinned one."""
+        sealed = self._sealed_files.pop(digest, None)
+        if sealed is not None:
+            sealed.close()
+
     def cached_bytes(self, digest: str, size: int) -> int:
         """Bytes of this blob present on local disk (sealed: all of them)."""
         if self.is_sealed(digest, size):
@@ -266,8 +314,8 @@ class BlobCache:
         blob = self._open.get(digest)
         if blob is not None:
             if blob.sealed:
+                self._close_sealed(digest)
                 blob.unseal()
-                self.budget.unsealed(digest, blob)
             return blob
         stored = self.index.load(digest)
         sealed = self.index.sealed_as(digest)
@@ -282,10 +330,10 @@ class BlobCache:
             self.index.forget_sealed(digest)
             return None
         path = self.partial_dir / partial_name(digest)
+        self._close_sealed(digest)
         blob = self._blob(digest, size, chunks, present, path, sealed=True)
         blob.unseal()
         self._open[digest] = blob
-        self.budget.unsealed(digest, blob)
         return blob
 
     async def drop_whole(self, blob: PartialBlob) -> int:
@@ -294,8 +342,8 @@ class BlobCache:
         self.index.forget(blob.digest)
         self.index.forget_sealed(blob.digest)
         self.drop(blob)
+        self._close_sealed(blob.digest)
         blob.forget_chunks()
-        self.budget.unsealed(blob.digest, None)
         for path in (blob.path, blob.final_path):
             await trio.to_thread.run_sync(_unlink_missing_ok, path, limiter=self.limiter)
         return held

@@ -22,7 +22,6 @@ import logging
 import os
 import sqlite3
 import time
-from typing import Callable
 
 import trio
 
@@ -43,7 +42,6 @@ class DiskBudget:
         self._touched: dict[tuple[str, int], float] = {}
         self._lock = trio.Lock()
         self._warned = False
-        self.on_unseal: list[Callable] = []  # (digest, PartialBlob | None) -> None
         cache.index.set_meta("cache_max", str(cap) if cap is not None else "")
         # Eviction writes to the index before it punches (a crash must never leave a chunk
         # recorded over a hole), and on a full disk that write itself fails. A small file of
@@ -87,11 +85,6 @@ class DiskBudget:
                       for i, (c, present) in enumerate(zip(blob.chunks, blob.present))
                       if blob.in_file(i) and not present)
         self.used = self._cache.index.usage() + pending
-
-    def unsealed(self, digest: str, blob) -> None:
-        """Tell readers that `digest` is in progress again (`blob`), or gone (None)."""
-        for callback in self.on_unseal:
-            callback(digest, blob)
 
     # -- room ---------------------------------------------------------------------------------
 

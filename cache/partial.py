@@ -37,7 +37,7 @@ Concurrency contract (trio):
 - The sealer hashes readable chunks strictly in file order under `_seal_lock`, from the chunk
   buffers kept for it (`_early`, at most EARLY_LIMIT bytes, each holding a buffer ref) or read
   back from disk when they were not kept. It is driven from `commit_chunk`, before the batched
-  fdatasync, so kept buffers are let go soon, and waits while `seal_paused()` says readers are
+  fdatasync, so kept buffers are let go soon, and waits while the mount's readers (readers.py) are
   being served (a mount sets it); `seal` itself never waits. It hashes in the cache's
   low-priority thread when there is one. After a restart it starts again from offset 0.
 - What a crash costs is bounded in bytes, not only in time: a chunk takes room in the cache's
@@ -71,6 +71,7 @@ from .errors import (CacheFull, ChunkDigestMismatch, LandedChunksBad, SealInterr
                      SealMismatch)
 from .index import LANDED, ChunkIndex
 from .store import fsync_dir
+from .readers import ReaderActivity
 from .units import digest_of, part_lengths
 
 log = logging.getLogger(__name__)
@@ -247,7 +248,8 @@ class PartialBlob:
                  limiter: trio.CapacityLimiter, durable: bool = True, reserve=None,
                  sealed: bool = False, sync_interval: float = 0.5,
                  pool: BufferPool | None = None, hash_thread=None, check_whole: bool = False,
-                 unrecorded: UnrecordedBudget | None = None):
+                 unrecorded: UnrecordedBudget | None = None,
+                 readers: ReaderActivity | None = None):
         self.digest, self.size = digest, size
         self.chunks = check_coverage(chunks, size)
         # `present` as the index has it (ABSENT, VERIFIED or LANDED; or bools)
@@ -272,9 +274,10 @@ class PartialBlob:
         self._sealer_stalled = False  # it did not move for a while: receivers go on without it
         self._pool = pool or BufferPool()
         self._hash_thread = hash_thread  # a LowPriorityThread (lowprio.py) for the sealer, or None
-        # Set by a mount: true while readers are being served. The sealer then waits (it
+        # A mount's readers (readers.py): while they are being served, the sealer waits (it
         # would compete with them for the CPU) and catches up when they pause or at the seal.
-        self.seal_paused = None
+        # None in a pull, where the seal is what everyone waits for.
+        self._readers = readers
         self._early_bytes = 0
         self.path, self.final_path = path, final_path
         self._index = index
@@ -578,9 +581,9 @@ class PartialBlob:
 
     def _far_ahead_of_sealer(self, i: int) -> bool:
         """Whether chunk `i` is further ahead of a running sealer than it keeps bytes for.
-        Where the seal is what everyone waits for (no `seal_paused`: a pull), a receiver waits
+        Where the seal is what everyone waits for (no readers: a pull), a receiver waits
         then, so the sealer hashes from memory instead of reading most chunks back from disk."""
-        return self.seal_paused is None and not self._within_sealer_reach(i)
+        return self._readers is None and not self._within_sealer_reach(i)
 
     def _within_sealer_reach(self, i: int) -> bool:
         """Whether chunk `i` ends within EARLY_LIMIT of the sealer's position. The chunk the
@@ -590,7 +593,8 @@ class PartialBlob:
         return self.chunks[i].end - self.chunks[self._hashed_upto].start <= EARLY_LIMIT
 
     def _paused(self) -> bool:
-        return not self._sealing and self.seal_paused is not None and self.seal_paused()
+        return not self._sealing and self._readers is not None and \
+            self._readers.active(self.digest)
 
     def _keep_for_sealer(self, i: int, data) -> None:
         chunk = self.chunks[i]

@@ -50,7 +50,7 @@ import bisect
 import collections
 import dataclasses
 import logging
-from typing import Callable
+from typing import Awaitable, Callable
 
 import trio
 
@@ -76,7 +76,6 @@ log = logging.getLogger(__name__)
 WHOLE_UP_TO = 1 << 20
 # The sealer waits while a blob has been read from in the last this many seconds (but a
 # complete blob is sealed after SEAL_PATIENCE seconds whatever its readers do).
-READERS_QUIET = 0.5
 SEAL_PATIENCE = 30.0
 # A sealed blob read in sequence is loaded in stretches of this size (direct I/O, kept in the
 # memory cache and pushed into the kernel's page cache), up to SEALED_LEAD bytes ahead.
@@ -114,21 +113,16 @@ class _Flight:
 class _BlobState:
     name: ModelName  # a model that has this blob: where to fetch it from
     layer: Layer
-    partial: PartialBlob | None = None
     url: str | None = None
     plan_lock: trio.Lock = dataclasses.field(default_factory=trio.Lock)
     flights: dict[int, _Flight] = dataclasses.field(default_factory=dict)
-    sealing: trio.Event | None = None
-    sealed: SealedFile | None = None
+    sealing: tuple[PartialBlob, trio.Event] | None = None  # the seal of that blob object
     quarantined_until: float = 0.0
     seal_error: BaseException | None = None
     open_handles: int = 0
-    last_read: float = float("-inf")  # trio time of the last read (the sealer waits for a pause)
-    last_offset: int = 0  # where that read was (the background keeps near it)
     deferred: set[int] = dataclasses.field(default_factory=set)  # background, too far ahead
     pacing: bool = False  # a _pace task runs for `deferred`
     background: bool = False
-    completed: trio.Event = dataclasses.field(default_factory=trio.Event)  # all committed
     sealed_starts: list[int] | None = None
     stretches_end: int = 0  # end of the sealed stretches last asked for ahead of a reader
     served: bool = False  # a read of it was answered (its first miss went alone)
@@ -189,7 +183,8 @@ class Materializer:
     def __init__(self, client: RegistryClient, cache: BlobCache, nursery: trio.Nursery, *,
                  workers: int = 4, max_inflight: int = 64 << 20, memory_cache: int = 80 << 20,
                  chunk_size: int = DEFAULT_CHUNK_SIZE, quarantine_seconds: float = 30.0,
-                 background: bool = True, on_sealed: Callable[[str], None] | None = None):
+                 background: bool = True, on_sealed: Callable[[str], None] | None = None,
+                 publish: Callable[[str, int, ChunkBuffer], Awaitable[None]] | None = None):
         self._client, self._cache, self._nursery = client, cache, nursery
         self._queue = FetchQueue()
         self.budget = ByteBudget(max_inflight)
@@ -209,20 +204,24 @@ class Materializer:
         self.fetches = 0  # chunk fetches started (statistics)
         self.loads = 0  # chunks read back from the disk for readers (statistics)
         # Called (as a task of the mount) with (blob digest, offset, chunk buffer) for each chunk
-        # kept for a reader; the buffer is held for the call (fs/ops.py pushes it into the
-        # kernel's page cache from a worker thread).
-        self.on_ready = None
+        # kept for a reader; the buffer is held for the call (fs/pagecache.py pushes it into
+        # the kernel's page cache from a worker thread).
+        self._publish_to = publish
         self._budget = cache.budget
-        self._budget.on_unseal.append(self._unsealed)
+        if cache.readers is None:
+            raise ValueError("a mount's cache records its readers: BlobCache(readers=...)")
+        self._readers = cache.readers
         for _ in range(max(1, workers)):
             nursery.start_soon(self._worker)
 
     def close(self) -> None:
         self._memory.clear()
-        for state in self._states.values():
-            if state.sealed is not None:
-                state.sealed.close()
-                state.sealed = None
+
+    def _blob(self, state: _BlobState) -> PartialBlob | None:
+        """The blob's in-progress state, as the cache has it open now (the cache owns which
+        object that is: it replaces it for a new chunk list, drops it on a failed seal, opens
+        a sealed one again to evict from it). None when it is sealed or not open."""
+        return self._cache.current(state.layer.digest)
 
     def cached_bytes(self, layer: Layer) -> int:
         return self._cache.cached_bytes(layer.digest, layer.size)
@@ -247,7 +246,8 @@ class Materializer:
         state.open_handles -= 1
         if state.open_handles <= 0 and state.background:
             state.background = False
-            for i in range(len(state.partial.chunks) if state.partial else 0):
+            blob = self._blob(state)
+            for i in range(len(blob.chunks) if blob is not None else 0):
                 job = self._queue.job((layer.digest, i))
                 if job is not None and job.priority == BACKGROUND and not job.running:
                     self._queue.cancel(job.key)
@@ -267,12 +267,12 @@ class Materializer:
             return b""
         size = min(size, layer.size - offset)
         state = self._state(name, layer)
-        state.last_read, state.last_offset = trio.current_time(), offset
+        self._readers.read(layer.digest, offset)
         while True:
             if state.quarantined_until > trio.current_time():
                 raise Quarantined(f"blob {layer.digest[:19]} failed its seal recently; "
                                   f"not served until it is fetched again")
-            if await self._is_sealed(state):
+            if await self._cache.sealed_file(layer.digest, layer.size) is not None:
                 data = await self._read_sealed(state, offset, size, ahead)
                 if data is not None:
                     return data
@@ -293,8 +293,6 @@ class Materializer:
         if not blob.has_chunk_digests:
             await self._fetch_whole(state, blob, deadline)  # servable only once sealed
             return None
-        # the sealer waits while readers are being served (see _readers_active)
-        blob.seal_paused = lambda: self._readers_active(state)
         chunks = blob.chunk_range(offset, size)
         for i in chunks:
             self._want(state, blob, i, DEMAND)
@@ -312,7 +310,7 @@ class Materializer:
             state.served = True
             if first:
                 self._want_ahead(state, blob, None, whole)
-            if state.partial is blob and all(blob.readable[i] for i in chunks):
+            if self._blob(state) is blob and all(blob.readable[i] for i in chunks):
                 self._budget.touch(blob.digest, chunks)
                 return await self._read_chunks(state, blob, chunks, offset, size)
         finally:
@@ -347,7 +345,7 @@ class Materializer:
                 # Part of a chunk: the reads behind this one want the rest of it, so it is
                 # read back whole, once (direct I/O), and kept (see _load).
                 data = await self._load(_mkey(blob, i), lambda: blob.load_chunk(i),
-                                        lambda: state.partial is blob)
+                                        lambda: self._blob(state) is blob)
             if data is not None:
                 piece = data.slice(lo - chunk.start, hi - chunk.start)
                 # A slice of a chunk buffer is valid while somebody holds the buffer: returned
@@ -380,24 +378,6 @@ class Materializer:
             del self._loading[key]
             done.set()
 
-    async def _is_sealed(self, state: _BlobState) -> bool:
-        if state.sealed is not None:
-            return True
-        if state.partial is not None and not state.partial.sealed:
-            return False  # in progress here: only our own seal moves it into blobs/
-        layer = state.layer
-        if not await self._cache.adopt_sealed(layer.digest, layer.size):
-            return False
-        if state.sealed is not None:
-            return True  # another read opened it while we waited for the adoption
-        try:
-            state.sealed = SealedFile(self._cache.store.blob_path(layer.digest), layer.size,
-                                      self._cache.pool, self._cache.limiter)
-        except FileNotFoundError:
-            return False
-        self._memory.drop(layer.digest)
-        return True
-
     async def _read_sealed(self, state: _BlobState, offset: int, size: int,
                            ahead: tuple[int, int] | None) -> bytes | None:
         """Bytes of a sealed blob, never through the cache file's page cache: a reader in
@@ -406,7 +386,7 @@ class Materializer:
         digest = state.layer.digest
         self._budget.pin(digest)  # no chunk of it is evicted (and its file closed) meanwhile
         try:
-            sealed = state.sealed
+            sealed = self._cache.open_sealed(digest)
             if sealed is None:
                 return None
             if self._in_sequence(state, offset, ahead):
@@ -453,7 +433,8 @@ class Materializer:
         data = self._memory.get(key)
         if data is None:
             data = await self._load(key, lambda: sealed.load(start, key[2]),
-                                    lambda: state.sealed is sealed, publish=True)
+                                    lambda: self._cache.open_sealed(key[0]) is sealed,
+                                    publish=True)
             # Its pages go to the kernel, which answers the reader without us from now on:
             # the chunks under it are marked as used here (LRU eviction), not read by read.
             self._budget.touch(state.layer.digest, self._sealed_chunks(state, start, key[2]))
@@ -484,8 +465,9 @@ class Materializer:
         self._budget.pin(digest)
         try:
             async with self._ahead_limiter:
-                if state.sealed is not None:
-                    await self._stretch(state, state.sealed, start)
+                sealed = self._cache.open_sealed(digest)
+                if sealed is not None:
+                    await self._stretch(state, sealed, start)
         except Exception as exc:  # an optimisation: the reader reads it itself if it must
             log.debug("loading %s at %d ahead of its reader failed: %s", digest[:19], start, exc)
         finally:
@@ -504,41 +486,27 @@ class Materializer:
         last = bisect.bisect_right(starts, offset + size - 1) - 1
         return range(max(first, 0), last + 1)
 
-    def _unsealed(self, digest: str, blob: PartialBlob | None) -> None:
-        """The cache moved a sealed blob back to in-progress to evict from it (never while we
-        read it: reads pin it), or dropped it (None). Read it as that partial blob now."""
-        state = self._states.get(digest)
-        if state is None:
-            return
-        if state.sealed is not None:
-            state.sealed.close()
-            state.sealed = None
-        state.partial = blob
-        if blob is None:
-            state.url = None
-        state.sealing = None
-        state.completed = trio.Event()
-
-    @staticmethod
-    def _readers_active(state: _BlobState) -> bool:
-        """Whether the sealer should wait: it would take the CPU the readers of this blob
-        need right now. It catches up when they pause, or all at once when the blob is
-        complete (in the cache's low-priority thread; an engine that has loaded the model
-        computes at full priority meanwhile)."""
-        return trio.current_time() - state.last_read < READERS_QUIET
+    def _readers_active(self, state: _BlobState) -> bool:
+        """Whether the seal should wait: it would take the CPU the readers of this blob
+        need right now (cache/readers.py). It catches up when they pause, or all at once when
+        the blob is complete (in the cache's low-priority thread; an engine that has loaded
+        the model computes at full priority meanwhile)."""
+        return self._readers.active(state.layer.digest)
 
     async def finish_seals(self) -> None:
         """Wait for the seals in progress (at unmount, so complete blobs are not left to be
         read back and hashed again by the next mount)."""
         for state in list(self._states.values()):
             if state.sealing is not None:
-                await state.sealing.wait()
+                await state.sealing[1].wait()
 
     async def _partial(self, state: _BlobState) -> PartialBlob:
-        if state.partial is not None:
-            return state.partial
+        blob = self._blob(state)
+        if blob is not None:
+            return blob
         async with state.plan_lock:
-            if state.partial is None:
+            blob = self._blob(state)
+            if blob is None:
                 layer = state.layer
                 blob = self._cache.open_stored(layer.digest, layer.size)
                 if blob is None:
@@ -546,10 +514,9 @@ class Materializer:
                                                          WHOLE_UP_TO)
                     blob = self._cache.open_partial(layer.digest, layer.size, plan.chunks)
                     state.url = plan.url
-                state.partial = blob
                 if blob.complete and not blob.sealed:
                     self._seal_soon(state, blob)  # complete, but not sealed before a restart
-            return state.partial
+            return blob
 
     async def _url(self, state: _BlobState) -> str:
         """The URL to fetch chunks from; asks the registry (once) if we only had the index."""
@@ -560,11 +527,11 @@ class Materializer:
                 layer = state.layer
                 plan = await self._client.chunk_plan(state.name, layer, self._chunk_size,
                                                       WHOLE_UP_TO)
-                if state.partial is None or plan.chunks != state.partial.chunks:
+                blob = self._blob(state)
+                if blob is None or plan.chunks != blob.chunks:
                     log.info("registry changed the chunk list of %s; starting it over",
                              layer.digest[:19])
-                    state.partial = self._cache.open_partial(layer.digest, layer.size,
-                                                             plan.chunks)
+                    self._cache.open_partial(layer.digest, layer.size, plan.chunks)
                 state.url = plan.url
             return state.url
 
@@ -581,10 +548,11 @@ class Materializer:
     def _ahead_of_reader(self, state: _BlobState, i: int) -> int | None:
         """How far chunk `i` starts ahead of where its blob is being read right now; None
         when no reader is busy with it."""
-        blob = state.partial
-        if blob is None or not self._readers_active(state):
+        blob = self._blob(state)
+        position = self._readers.position(state.layer.digest)
+        if blob is None or position is None:
             return None
-        return blob.chunks[i].start - state.last_offset
+        return blob.chunks[i].start - position
 
     def _near_reader(self, state: _BlobState, i: int) -> bool:
         """Within the stretch just ahead of a busy reader (its bytes are kept for it)."""
@@ -618,12 +586,12 @@ class Materializer:
         drop them if the background was called off. One task per blob, a few times a second."""
         try:
             while state.deferred:
-                await trio.sleep(READERS_QUIET / 10)
+                await trio.sleep(self._readers.quiet / 10)
                 for i in sorted(state.deferred):
                     if state.background and self._too_far_ahead(state, i):
                         break  # (and so are the ones after it)
                     state.deferred.discard(i)
-                    blob = state.partial
+                    blob = self._blob(state)
                     if blob is None or blob.readable[i]:
                         continue
                     if state.background:
@@ -640,7 +608,7 @@ class Materializer:
         (the job was promoted to the window or a demand meanwhile); background chunks would
         only push those out."""
         flight = state.flights.setdefault(i, _Flight())
-        blob = state.partial
+        blob = self._blob(state)
         try:
             if blob is None:
                 raise BlobReset(f"blob {state.layer.digest[:19]} was reset while being read")
@@ -648,14 +616,14 @@ class Materializer:
             await self.budget.acquire(length)
             try:
                 url = await self._url(state)
-                blob = state.partial
+                blob = self._blob(state)
                 data = None
                 if not blob.readable[i]:
                     self.fetches += 1
                     self._fetching.add(flight)
                     data = await fetch_chunk(self._client, blob, url, i, flight.attempt)
                     if (job.priority <= WINDOW or self._near_reader(state, i)) and \
-                            state.partial is blob:
+                            self._blob(state) is blob:
                         self._keep(_mkey(blob, i), data, publish=True)
                     blob.release_buffer(data)
             finally:
@@ -692,14 +660,14 @@ class Materializer:
 
     def _keep(self, key: tuple[str, int, int], buf: ChunkBuffer, publish: bool) -> None:
         """Keep `buf` (the bytes of memory-cache `key`) for the readers about to want it,
-        and with `publish` also push it into the kernel's page cache (`on_ready`)."""
+        and with `publish` also push it into the kernel's page cache (`_publish_to`)."""
         self._memory.put(key, buf)
-        if publish and self.on_ready is not None:
+        if publish and self._publish_to is not None:
             self._nursery.start_soon(self._publish, key[0], key[1], self._cache.pool.hold(buf))
 
     async def _publish(self, digest: str, start: int, buf: ChunkBuffer) -> None:
         try:
-            await self.on_ready(digest, start, buf)
+            await self._publish_to(digest, start, buf)
         except Exception as exc:  # an optimisation: readers get the bytes anyway
             log.debug("publishing %s at %d failed: %s", digest[:19], start, exc)
         finally:
@@ -711,14 +679,13 @@ class Materializer:
         except Exception as exc:
             log.warning("recording chunk %d of %s failed: %s", i, state.layer.digest[:19], exc)
             return
-        if blob.complete and state.partial is blob:
-            state.completed.set()
+        if blob.complete and self._blob(state) is blob:
             self._seal_soon(state, blob)
 
     async def _wait_chunk(self, state: _BlobState, i: int,
                           deadline: ProgressDeadline | None) -> None:
         while True:
-            blob = state.partial
+            blob = self._blob(state)
             if blob is None:
                 raise BlobReset(f"blob {state.layer.digest[:19]} was reset while being read")
             if blob.readable[i]:
@@ -729,7 +696,8 @@ class Materializer:
                 continue
             self._queue.push((state.layer.digest, i), DEMAND, (state, i))  # promote
             await self._wait_flight(flight, deadline)
-            if flight.error is not None and not (state.partial and state.partial.readable[i]):
+            current = self._blob(state)
+            if flight.error is not None and not (current and current.readable[i]):
                 raise flight.error
 
     async def _fetch_whole(self, state: _BlobState, blob: PartialBlob,
@@ -759,11 +727,15 @@ class Materializer:
             raise state.seal_error or BlobReset(f"blob {state.layer.digest[:19]} could not be sealed")
 
     def _seal_soon(self, state: _BlobState, blob: PartialBlob) -> trio.Event:
-        if state.sealing is None:
-            state.sealing = trio.Event()
+        """One seal of `blob` at a time; a new one for a blob that is complete again (a
+        sealed blob the cache unsealed to evict from it is the same object, unsealed)."""
+        sealing = state.sealing
+        if sealing is None or sealing[0] is not blob or (sealing[1].is_set() and
+                                                         not blob.sealed):
+            sealing = state.sealing = blob, trio.Event()
             state.seal_error = None
-            self._nursery.start_soon(self._seal, state, blob, state.sealing)
-        return state.sealing
+            self._nursery.start_soon(self._seal, state, blob, sealing[1])
+        return sealing[1]
 
     async def _seal(self, state: _BlobState, blob: PartialBlob, done: trio.Event) -> None:
         try:
@@ -772,8 +744,9 @@ class Materializer:
             patience = trio.current_time() + SEAL_PATIENCE
             while blob.has_chunk_digests and self._readers_active(state) and \
                     trio.current_time() < patience:
-                await trio.sleep(READERS_QUIET)
+                await trio.sleep(self._readers.quiet)
             await blob.seal()
+            self._memory.drop(state.layer.digest)  # read from blobs/ from now on
             self._on_sealed(state.layer.digest)
         except (LandedChunksBad, SealInterrupted) as exc:
             # chunks a stopped pull left unchecked were corrupt (dropped, fetched when wanted),
@@ -784,14 +757,13 @@ class Materializer:
             # The chunk list lied: distrust it, refuse reads for a while, then start over.
             state.seal_error = exc
             self._cache.drop(blob)
-            state.partial, state.url = None, None
-            state.completed = trio.Event()
+            state.url = None
             state.quarantined_until = trio.current_time() + self._quarantine_seconds
             self._memory.drop(state.layer.digest)
         except Exception as exc:
             state.seal_error = exc
             log.exception("sealing %s failed", state.layer.digest[:19])
         finally:
-            if not blob.sealed:
+            if not blob.sealed and state.sealing is not None and state.sealing[1] is done:
                 state.sealing = None  # a later completion may try again
             done.set()

@@ -22,6 +22,7 @@ import trio
 
 from modelfs.cache.blobcache import BlobCache
 from modelfs.cache.errors import ModelfsError
+from modelfs.cache.readers import ReaderActivity
 from modelfs.cache.units import FETCH_UNIT
 from modelfs.fetcher.client import ClientConfig, RegistryClient
 from modelfs.fetcher.groups import first_error
@@ -31,6 +32,7 @@ from modelfs.fetcher.prefetch import PrefetchConfig
 from modelfs.fetcher.resolver import ModelResolver
 
 from .ops import ModelOps
+from .pagecache import KernelPageCache
 from .tree import Tree
 
 log = logging.getLogger("modelfs.mount")
@@ -231,7 +233,7 @@ async def serve_mount(opts: MountOptions, ready) -> None:
     # readers first: sealing waits for them and hashes at low priority (cache/lowprio.py)
     # --max-inflight bounds what a crash costs too: chunks verified and not yet recorded
     cache = BlobCache(opts.cache, cap=opts.cache_max, min_free=opts.min_free,
-                      background_seal=True, max_unrecorded=opts.max_inflight)
+                      readers=ReaderActivity(), max_unrecorded=opts.max_inflight)
     state = {"mounted": False}
     try:
         # a unit's bytes are held whole while in flight: never more than a fetch's share of
@@ -273,7 +275,8 @@ async def _serve(opts, cache, client, nursery, ready, state) -> None:
 
     materializer = Materializer(client, cache, nursery, workers=opts.max_fetches,
                                 max_inflight=opts.max_inflight,
-                                background=opts.prefetch == "auto", on_sealed=on_sealed)
+                                background=opts.prefetch == "auto", on_sealed=on_sealed,
+                                publish=KernelPageCache(tree).store)
     config = PrefetchConfig()
     if opts.cache_max is not None:  # a window larger than a quarter of the cap would thrash
         quarter = max(opts.cache_max // 4, 1 << 20)

@@ -69,11 +69,6 @@ class ModelOps(pyfuse3.Operations):
         self.lookup_timeout = lookup_timeout
         self._handles: dict[int, _Handle] = {}
         self._fh = itertools.count(1)
-        # Chunks fetched for a reader go into the kernel's page cache from worker threads, so
-        # the reader's next READs are answered by the kernel: the copy into fresh page-cache
-        # pages, the heaviest part of serving a cold read, leaves the one FUSE thread.
-        materializer.on_ready = self._store
-        self._store_limiter = trio.CapacityLimiter(2)
         self._uid, self._gid = os.getuid(), os.getgid()
 
     # -- helpers ----------------------------------------------------------------------------
@@ -188,15 +183,6 @@ class ModelOps(pyfuse3.Operations):
         # Content-addressed and immutable: the kernel may keep its page cache across opens
         # (without it, each open drops the pages an mmap'ed model was read into).
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
-
-    async def _store(self, digest: str, offset: int, buf) -> None:
-        """Put a verified chunk (held for us) into the page cache of the open files of its blob
-        (FUSE_NOTIFY_STORE; pyfuse3 sends it without the GIL, from any thread)."""
-        inodes = {h.node.inode for h in self._handles.values()
-                  if h.node.layer is not None and h.node.layer.digest == digest}
-        for inode in inodes:
-            await trio.to_thread.run_sync(pyfuse3.notify_store, inode, offset, buf.view,
-                                          limiter=self._store_limiter)
 
     @fuse_errors
     async def read(self, fh, off, size):

@@ -113,6 +113,11 @@ class Tree:
     def get(self, inode: int) -> Node | None:
         return self.nodes.get(inode)
 
+    def files_of(self, digest: str) -> list[int]:
+        """Inodes of the files that show blob `digest` (one per model that has it)."""
+        return [n.inode for n in self.nodes.values()
+                if n.layer is not None and n.layer.digest == digest]
+
     def classify(self, parent: Node, name: str) -> Node | ChildModel:
         """What `name` in directory `parent` is. Existing children come back as they are;
         new directories of hosts and namespaces are made on the spot; a model is returned as

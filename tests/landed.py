@@ -14,9 +14,10 @@ from . import faults as F
 
 
 async def stopped_pull(reg, root, client, name: str, digest: str, landed: int = 8,
-                       concurrency: int = 4) -> BlobCache:
+                       concurrency: int = 4, readers=None) -> BlobCache:
     """Pull `name` into a cache at `root`, stopped once `landed` chunks of `digest` are
-    recorded as LANDED; returns that cache opened afresh (as after a restart).
+    recorded as LANDED; returns that cache opened afresh (as after a restart), for a mount
+    with `readers` (cache/readers.py), else for a pull.
 
     The server answers the first `landed` range requests of `digest` and holds the ones after
     them unanswered; the pull is stopped once those chunks are recorded and each of its
@@ -48,7 +49,7 @@ async def stopped_pull(reg, root, client, name: str, digest: str, landed: int = 
         cache.close()
     # each range it asked for reached the server: the ones answered, the ones held
     assert len(reg.faults.ranges(digest)) == landed + concurrency
-    return BlobCache(root, sync_interval=0.01)
+    return BlobCache(root, sync_interval=0.01, readers=readers)
 
 
 def corrupt_a_landed_chunk(cache: BlobCache, digest: str):

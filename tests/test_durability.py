@@ -3,7 +3,6 @@ below the model, a garbage index, and what `status` and `evict` report and do.""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random

@@ -5,6 +5,7 @@ import trio
 
 from modelfs.cache.blobcache import BlobCache
 from modelfs.cache.errors import ModelfsError
+from modelfs.cache.readers import ReaderActivity
 from modelfs.fetcher.client import ClientConfig, RegistryClient
 from modelfs.fetcher.materializer import Materializer
 
@@ -21,7 +22,7 @@ async def test_blob_that_failed_its_seal_is_fetched_again_and_served(live_regist
     reg.faults.add("GET", "/chunksums/", F.reply(404, b"404 page not found"))
     corrupt = reg.faults.add("GET", "/blobs/" + layer.digest, F.corrupt_body(),
                              range=f"bytes=1048576-{layer.size - 1}")
-    cache = BlobCache(tmp_path / "cache", sync_interval=0.01)
+    cache = BlobCache(tmp_path / "cache", sync_interval=0.01, readers=ReaderActivity())
     try:
         async with RegistryClient(ClientConfig(retry=FAST_RETRY)) as client:
             async with trio.open_nursery() as nursery:
@@ -55,7 +56,7 @@ async def test_a_read_through_a_flaky_edge_retries_inside_the_read(live_registry
     layer, data = imported.model, source.read_bytes()
     flaky = F.FlakySource(reg.faults, layer.digest, short="bytes=131072-196607",
                           shifted="bytes=327680-393215")
-    cache = BlobCache(tmp_path / "cache", sync_interval=0.01)
+    cache = BlobCache(tmp_path / "cache", sync_interval=0.01, readers=ReaderActivity())
     try:
         async with RegistryClient(PER_CHUNK) as client:
             assert (client._raw is not None) == (plane == "direct")
@@ -76,7 +77,7 @@ async def test_sealer_waits_for_the_readers_then_seals(live_registry, tmp_path):
     reg = await live_registry(chunk_size=64 << 10)
     source, imported = reg.add_model("steady", 4 << 20)
     layer, data = imported.model, source.read_bytes()
-    cache = BlobCache(tmp_path / "cache", sync_interval=0.01, background_seal=True)
+    cache = BlobCache(tmp_path / "cache", sync_interval=0.01, readers=ReaderActivity())
     try:
         async with RegistryClient(ClientConfig(retry=FAST_RETRY)) as client:
             async with trio.open_nursery() as nursery:
@@ -118,7 +119,7 @@ async def test_sealed_stretches_ahead_of_many_readers_stay_bounded(live_registry
     reg = await live_registry(chunk_size=1 << 20)
     source, imported = reg.add_model("shared", 48 << 20)
     layer, data = imported.model, source.read_bytes()
-    cache = BlobCache(tmp_path / "cache", sync_interval=0.01)
+    cache = BlobCache(tmp_path / "cache", sync_interval=0.01, readers=ReaderActivity())
     try:
         async with RegistryClient(ClientConfig(retry=FAST_RETRY)) as client:
             async with trio.open_nursery() as nursery:
@@ -183,7 +184,7 @@ async def test_first_miss_of_a_blob_is_fetched_alone(live_registry, tmp_path):
 
     reg.faults.add("GET", "/blobs/" + layer.digest, first_chunk, times=1, range="bytes=0-65535")
     reg.faults.delay = 0.05
-    cache = BlobCache(tmp_path / "cache", sync_interval=0.01)
+    cache = BlobCache(tmp_path / "cache", sync_interval=0.01, readers=ReaderActivity())
     try:
         async with RegistryClient(PER_CHUNK) as client:
             async with trio.open_nursery() as nursery:
@@ -214,7 +215,8 @@ async def test_landed_chunks_are_checked_before_they_are_served(live_registry, t
     reg = await live_registry(chunk_size=64 << 10)
     source, imported = reg.add_model("mid", 4 << 20)
     layer, data = imported.model, source.read_bytes()
-    cache = await stopped_pull(reg, tmp_path / "cache", chunk_client, "mid", layer.digest)
+    cache = await stopped_pull(reg, tmp_path / "cache", chunk_client, "mid", layer.digest,
+                               readers=ReaderActivity())
     try:
         chunks, present, bad = corrupt_a_landed_chunk(cache, layer.digest)
         before = len(reg.faults.ranges(layer.digest))

@@ -12,6 +12,7 @@ import trio
 from modelfs.cache.blobcache import BlobCache
 from modelfs.cache.chunks import Chunk, check_coverage, fixed_chunks
 from modelfs.cache.errors import ChunkDigestMismatch
+from modelfs.cache.readers import ReaderActivity
 from modelfs.cache.units import UnitHasher, bad_part, digest_of, group_units, part_lengths
 from modelfs.fetcher.materializer import Materializer
 from modelfs.fetcher.pull import pull
@@ -108,7 +109,7 @@ async def test_pull_and_mount_fetch_small_chunks_in_units(live_registry, tmp_pat
     assert len(ranges) == -(-layer.size // (4 * MiB))
 
     before = len(reg.faults.ranges(layer.digest))
-    cache = BlobCache(tmp_path / "mounted", sync_interval=0.01)
+    cache = BlobCache(tmp_path / "mounted", sync_interval=0.01, readers=ReaderActivity())
     try:
         async with trio.open_nursery() as nursery:
             mat = Materializer(client, cache, nursery, background=False)
