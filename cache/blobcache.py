@@ -33,7 +33,8 @@ from .digests import parse_digest
 from .errors import ModelfsError
 from .index import ChunkIndex
 from .lowprio import LowPriorityThread
-from .partial import UNRECORDED_LIMIT, PartialBlob, UnrecordedBudget, partial_name
+from .groupsync import UNRECORDED_LIMIT, UnrecordedBudget
+from .partial import PartialBlob, partial_name
 from .readers import ReaderActivity
 from .sealedfile import SealedFile
 from .store import ModelsDir

@@ -47,7 +47,6 @@ Concurrency contract (trio thread only; file I/O goes through the cache's thread
 from __future__ import annotations
 
 import bisect
-import collections
 import dataclasses
 import logging
 from typing import Awaitable, Callable
@@ -55,7 +54,7 @@ from typing import Awaitable, Callable
 import trio
 
 from modelfs.cache.blobcache import BlobCache
-from modelfs.cache.chunkbuf import BufferPool, ChunkBuffer, Receiver
+from modelfs.cache.chunkbuf import ChunkBuffer, Receiver
 from modelfs.cache.chunks import DEFAULT_CHUNK_SIZE
 from modelfs.cache.errors import (CacheFull, LandedChunksBad, ModelfsError, SealInterrupted,
                                   SealMismatch)
@@ -65,6 +64,7 @@ from modelfs.cache.sealedfile import SealedFile
 from .client import RegistryClient
 from .deadline import ProgressDeadline
 from .manifest import Layer
+from .memcache import MemoryCache, memory_key
 from .names import ModelName
 from .pull import fetch_chunk
 from .scheduler import BACKGROUND, DEMAND, WINDOW, ByteBudget, FetchQueue
@@ -134,49 +134,6 @@ def _stretch_starts(begin: int, end: int, size: int) -> range:
     if end <= begin:
         return range(0)
     return range(begin - begin % SEALED_STRETCH, end, SEALED_STRETCH)
-
-
-def _mkey(blob: PartialBlob, i: int) -> tuple[str, int, int]:
-    """A chunk's key in the memory cache: its byte range, not its index, so an entry put
-    under an older chunk list can never answer for another range."""
-    chunk = blob.chunks[i]
-    return blob.digest, chunk.start, chunk.length
-
-
-class MemoryCache:
-    """Recently fetched chunk buffers, oldest out first, at most `limit` bytes of them.
-    Holds a ref on each (cache/chunkbuf.py) and gives it back when it drops one."""
-
-    def __init__(self, limit: int, pool: BufferPool):
-        self.limit, self.size = limit, 0
-        self._pool = pool
-        self._items: collections.OrderedDict[tuple, ChunkBuffer] = collections.OrderedDict()
-
-    def _let_go(self, buf: ChunkBuffer) -> None:
-        self.size -= buf.capacity
-        self._pool.release(buf)
-
-    def get(self, key):
-        # No refresh on use: first in, first out. Chunks are put just ahead of their readers;
-        # by the time one is read, the chunks after it are in too, and under LRU they, not yet
-        # read, would be the first to go.
-        return self._items.get(key)
-
-    def put(self, key, buf: ChunkBuffer) -> None:
-        if buf.capacity > self.limit or key in self._items:
-            return
-        self._items[key] = self._pool.hold(buf)
-        self.size += buf.capacity
-        while self.size > self.limit:
-            self._let_go(self._items.popitem(last=False)[1])
-
-    def drop(self, digest: str) -> None:
-        for key in [k for k in self._items if k[0] == digest]:
-            self._let_go(self._items.pop(key))
-
-    def clear(self) -> None:
-        while self._items:
-            self._let_go(self._items.popitem()[1])
 
 
 class Materializer:
@@ -300,7 +257,7 @@ class Materializer:
         # fetched beside it, the rest of the blob would share the link and the server's disk
         # with that chunk and delay the reader's first bytes (streaming start). The window
         # ahead of the reader does not wait (the reader wants it next).
-        first = not state.served and not all(blob.readable[i] for i in chunks)
+        first = not state.served and not blob.all_ready(chunks)
         self._want_ahead(state, blob, ahead, whole and not first)
         # pinned before waiting: a chunk that arrives is not evicted before it is read
         self._budget.pin(blob.digest, chunks)
@@ -310,7 +267,7 @@ class Materializer:
             state.served = True
             if first:
                 self._want_ahead(state, blob, None, whole)
-            if self._blob(state) is blob and all(blob.readable[i] for i in chunks):
+            if self._blob(state) is blob and blob.all_ready(chunks):
                 self._budget.touch(blob.digest, chunks)
                 return await self._read_chunks(state, blob, chunks, offset, size)
         finally:
@@ -340,11 +297,11 @@ class Materializer:
         for i in chunks:
             chunk = blob.chunks[i]
             lo, hi = max(offset, chunk.start), min(end, chunk.end)
-            data = self._memory.get(_mkey(blob, i))
+            data = self._memory.get(memory_key(blob, i))
             if data is None and hi - lo < chunk.length:
                 # Part of a chunk: the reads behind this one want the rest of it, so it is
                 # read back whole, once (direct I/O), and kept (see _load).
-                data = await self._load(_mkey(blob, i), lambda: blob.load_chunk(i),
+                data = await self._load(memory_key(blob, i), lambda: blob.load_chunk(i),
                                         lambda: self._blob(state) is blob)
             if data is not None:
                 piece = data.slice(lo - chunk.start, hi - chunk.start)
@@ -539,7 +496,7 @@ class Materializer:
 
     def _want(self, state: _BlobState, blob: PartialBlob, i: int, priority: int) -> None:
         """Make sure chunk `i` is on its way, at least at `priority`."""
-        if blob.readable[i]:
+        if blob.ready(i):
             return
         if i not in state.flights:
             state.flights[i] = _Flight()
@@ -592,7 +549,7 @@ class Materializer:
                         break  # (and so are the ones after it)
                     state.deferred.discard(i)
                     blob = self._blob(state)
-                    if blob is None or blob.readable[i]:
+                    if blob is None or blob.ready(i):
                         continue
                     if state.background:
                         self._want(state, blob, i, BACKGROUND)
@@ -618,13 +575,13 @@ class Materializer:
                 url = await self._url(state)
                 blob = self._blob(state)
                 data = None
-                if not blob.readable[i]:
+                if not blob.ready(i):
                     self.fetches += 1
                     self._fetching.add(flight)
                     data = await fetch_chunk(self._client, blob, url, i, flight.attempt)
                     if (job.priority <= WINDOW or self._near_reader(state, i)) and \
                             self._blob(state) is blob:
-                        self._keep(_mkey(blob, i), data, publish=True)
+                        self._keep(memory_key(blob, i), data, publish=True)
                     blob.release_buffer(data)
             finally:
                 self.budget.release(length)
@@ -688,7 +645,7 @@ class Materializer:
             blob = self._blob(state)
             if blob is None:
                 raise BlobReset(f"blob {state.layer.digest[:19]} was reset while being read")
-            if blob.readable[i]:
+            if blob.ready(i):
                 return
             flight = state.flights.get(i)
             if flight is None:
@@ -697,7 +654,7 @@ class Materializer:
             self._queue.push((state.layer.digest, i), DEMAND, (state, i))  # promote
             await self._wait_flight(flight, deadline)
             current = self._blob(state)
-            if flight.error is not None and not (current and current.readable[i]):
+            if flight.error is not None and not (current and current.ready(i)):
                 raise flight.error
 
     async def _fetch_whole(self, state: _BlobState, blob: PartialBlob,

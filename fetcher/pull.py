@@ -162,10 +162,10 @@ async def fetch_chunk(client: RegistryClient, blob: PartialBlob, url: str, index
     ref the caller gives back (`blob.release_buffer`). `watch` is shown each try's receiver
     (its `arrived` bytes are the fetch's progress)."""
     chunk = blob.chunks[index]
-    if blob.landed[index]:  # in the file already (a pull that stopped), never checked alone
-        buf = await blob.verify_landed(index)
-        if buf is not None:
-            return buf
+    # in the file already (a pull that stopped), never checked alone: checked from the file
+    buf = await blob.verify_landed(index)
+    if buf is not None:
+        return buf
 
     async def once():
         receiver = blob.receiver(index)

@@ -408,7 +408,7 @@ async def test_an_older_index_is_upgraded_or_set_aside(tmp_path, found, kept):
 
 async def test_the_unrecorded_budget_admits_up_to_its_limit_and_presses_from_half(
         autojump_clock):
-    from modelfs.cache.partial import UnrecordedBudget
+    from modelfs.cache.groupsync import UnrecordedBudget
     budget = UnrecordedBudget(4000)
     woken = trio.Event()
     budget.notify(woken)
