@@ -106,24 +106,32 @@ class UnitHasher:
         if self._lengths is None:
             self._h.update(data)
             return
-        view, pos, n = memoryview(data).cast("B"), 0, len(data)
+        view, pos = memoryview(data).cast("B"), 0
+        n, lengths = len(view), self._lengths
         while pos < n:
-            if self._k == len(self._lengths):  # past the unit's end: never matches
+            k = self._k
+            if k == len(lengths):  # past the unit's end: never matches
                 self._over = True
                 return
-            take = min(self._left, n - pos)
-            self._h.update(view[pos:pos + take])
-            pos += take
-            self._left -= take
-            if self._left == 0:
-                self._parts.append(_PART.pack(self._lengths[self._k], self._h.digest()))
+            left = self._left
+            if left == lengths[k] and n - pos >= left:  # a whole chunk here: one call
+                self._parts.append(hashlib.sha256(view[pos:pos + left]).digest())
+                pos += left
+            else:
+                take = min(left, n - pos)
+                self._h.update(view[pos:pos + take])
+                pos += take
+                if take < left:
+                    self._left = left - take
+                    return
+                self._parts.append(self._h.digest())
                 self._h = hashlib.sha256()
-                self._k += 1
-                if self._k < len(self._lengths):
-                    self._left = self._lengths[self._k]
+            self._k = k + 1
+            self._left = lengths[k + 1] if k + 1 < len(lengths) else 0
 
     def parts(self) -> bytes:
-        return b"".join(self._parts)
+        return b"".join(_PART.pack(length, raw) for length, raw in zip(self._lengths or (),
+                                                                         self._parts))
 
     def result(self) -> str:
         """`sha256:<hex>`: of the bytes, or for a unit of the packing of its chunks' digests
