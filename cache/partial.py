@@ -25,7 +25,8 @@ Concurrency contract (trio):
 - Several tasks may fetch different chunks at once; the caller guarantees that one chunk has
   at most one writer at a time (single-flight lives in the fetcher). The writes themselves go
   one at a time per file (`_write_lock`): concurrent ones would only contend, and on a full
-  disk one writer would take the room another's eviction just freed.
+  disk one writer would take the room another's eviction just freed. Dropping corrupt landed
+  chunks punches under it too, so no hole lands on a chunk fetched again (`_drop_landed`).
 - Chunk bytes come either as bytes (hashed here) or as a `Receiver` (cache/chunkbuf.py) that
   the fetcher filled in its thread while our hasher took each piece. A received chunk is
   readable as soon as it is verified (its reader is served from the buffer) and written behind
@@ -170,6 +171,9 @@ class PartialBlob:
         self._seal_lock = trio.Lock()
         self._write_lock = trio.Lock()
         self._sealing = False
+        # While a seal checks the landed chunks (_check_landed): the ones dropped as corrupt
+        # since it began, by it or by a reader (verify_landed). None otherwise.
+        self._dropped_in_check: set[int] | None = None
         self._starts = [c.start for c in self.chunks]
         self.sealed = sealed
 
@@ -282,16 +286,35 @@ class PartialBlob:
         self._done_with(self._pop_early(i))
         self._forget_hashed(i)
 
-    async def _drop_landed(self, indexes: list[int]) -> None:
+    async def _drop_landed(self, indexes: list[int]) -> list[int]:
         """Landed chunks that failed their own digest: absent again, their bytes (which the
-        sealer may have hashed) out of the file and out of its hash."""
-        for i in indexes:
-            self._unland(i)
-        self._index.mark_absent(self.digest, indexes)
-        for i in indexes:
-            chunk = self.chunks[i]
-            await trio.to_thread.run_sync(punch_hole, self._fd, chunk.start, chunk.length,
-                                          limiter=self._limiter)
+        sealer may have hashed) out of the file and out of its hash. Only the ones still landed
+        when it runs: one that a reader (or the seal) dropped or checked meanwhile may be in
+        the file again, fetched and verified since. Returns the chunks it dropped."""
+        # The caller found these corrupt some awaits ago; a reader may have dropped one since
+        # and fetched it again. So, under the write lock that every write to the file takes
+        # (_write): decide (still landed?) and take them out of the state in one trio step,
+        # then punch without letting go. A chunk fetched again meanwhile, even while a punch
+        # runs in its thread, is written only after the last punch, never under a hole. One
+        # that is in the file again when its turn comes (readable, its write behind pending on
+        # this lock) is not punched: its own write replaces the old bytes. Nothing but the
+        # punches is awaited under the lock (no deadlock with _reserve's evictions).
+        async with self._write_lock:
+            dropped = [i for i in indexes if self.landed[i]]
+            if not dropped:
+                return dropped
+            for i in dropped:
+                self._unland(i)
+            self._index.mark_absent(self.digest, dropped)  # durable before the holes
+            if self._dropped_in_check is not None:
+                self._dropped_in_check.update(dropped)
+            for i in dropped:
+                if self.in_file(i):
+                    continue
+                chunk = self.chunks[i]
+                await trio.to_thread.run_sync(punch_hole, self._fd, chunk.start, chunk.length,
+                                              limiter=self._limiter)
+        return dropped
 
     def _forget_hashed(self, i: int) -> None:
         """Chunk `i`'s bytes, never checked on their own, are going: if the sealer took them
@@ -736,24 +759,35 @@ class PartialBlob:
         them now, from the file. Raises LandedChunksBad for the ones that fail (dropped: fetch
         them again; from now on every chunk is checked on its own); returns if none did."""
         self.check_whole = False
-        bad = []
-        for i in [i for i, here in enumerate(self.landed) if here]:
-            ok = False
-            if self.landed[i]:
+        # A reader may check a landed chunk meanwhile (verify_landed), drop it as corrupt and
+        # fetch it again between two awaits of this loop: its state when the loop reaches it,
+        # or at the end, does not tell whether it was bad. So drops are counted as they happen
+        # (_dropped_in_check) and such a chunk is blamed all the same (it explains the
+        # mismatch: no SealMismatch), while `_drop_landed` punches only what is still landed.
+        # (Nothing is evicted while this runs: `_sealing`.)
+        found = []  # corrupt, found here
+        dropped = self._dropped_in_check = set()
+        try:
+            for i in [i for i, here in enumerate(self.landed) if here]:
+                if not self.landed[i]:
+                    continue  # a reader checked it meanwhile (and dropped it if bad)
                 buf, ok = await self._load_checked(i)
                 self._pool.release(buf)
-            if self.landed[i]:
+                if not self.landed[i]:
+                    continue  # likewise, while we read it
                 if ok:
                     self._mark_verified([i])
                 else:
-                    bad.append(i)
-            elif not self.readable[i]:  # a reader checked it meanwhile and found it corrupt
-                bad.append(i)
+                    found.append(i)
+            if found:
+                await self._drop_landed(found)
+        finally:
+            self._dropped_in_check = None
+        bad = sorted(dropped.union(found))
         if not bad:
             return  # every chunk matches its digest: the chunk list is what is wrong
         log.warning("blob %s hashed to %s, not its digest: %d of its chunks did not match their "
                     "own digests and are fetched again", self.digest[:19], actual[:19], len(bad))
-        await self._drop_landed(bad)
         raise LandedChunksBad(f"{len(bad)} chunks of {self.digest[:19]} were corrupt "
                               f"(first: chunk {bad[0]}); they must be fetched again", bad)
 

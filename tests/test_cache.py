@@ -3,6 +3,8 @@
 import hashlib
 import logging
 import os
+import threading
+import types
 
 import pytest
 import trio
@@ -373,6 +375,191 @@ async def test_a_reader_dropping_a_corrupt_landed_chunk_during_a_seal_blames_the
         await blob.put_chunk(bad, data[chunks[bad].start:chunks[bad].end])
         await blob.seal()
         assert cache.store.blob_path(digest).read_bytes() == data
+    finally:
+        cache.close()
+
+
+class _Registry:
+    """What `fetch_chunk` needs of a registry client: each range served from `data`, once
+    `answer` is set (`asked` is set when a range is asked for)."""
+
+    def __init__(self, data: bytes):
+        from modelfs.fetcher.retry import RetryPolicy
+        self.data = data
+        self.config = types.SimpleNamespace(retry=RetryPolicy(attempts=1))
+        self.asked, self.answer = trio.Event(), trio.Event()
+
+    async def fetch_range_into(self, url, start, end, size, receiver):
+        self.asked.set()
+        await self.answer.wait()
+        receiver.view[:end - start] = self.data[start:end]
+        receiver.received(end - start)
+
+
+async def _open_landed(cache, data: bytes, chunks, corrupt: list[int]):
+    """`data` as a pull leaves it (every chunk LANDED, never checked on its own), the chunks
+    in `corrupt` damaged on disk, opened again as a mount opens it."""
+    digest = d(data)
+    blob = cache.open_partial(digest, len(data), chunks, check_whole=True)
+    for i, c in enumerate(chunks):
+        await blob.put_chunk(i, data[c.start:c.end])
+    cache.index.mark_present(digest, list(range(len(chunks))), verified=False)  # landed
+    cache.release(blob)
+    with open(cache.partial_dir / ("sha256-" + digest[7:] + ".partial"), "r+b") as f:
+        for i in corrupt:
+            f.seek(chunks[i].start + 5)
+            f.write(b"\xff" * 8)
+    blob = cache.open_partial(digest, len(data), chunks)
+    assert all(blob.landed) and not any(blob.readable)
+    return blob
+
+
+def _gate_checks(monkeypatch, blob, at):
+    """Any check of landed chunk i from the file, for i in `at` (the seal's, here), sets
+    entered[i] and waits for go[i]; a reader's check of a chunk not in `at` goes on."""
+    entered = {i: trio.Event() for i in at}
+    go = {i: trio.Event() for i in at}
+    real = blob._load_checked
+
+    async def load_checked(i):
+        if i in at:
+            entered[i].set()
+            await go[i].wait()
+        return await real(i)
+    monkeypatch.setattr(blob, "_load_checked", load_checked)
+    return entered, go
+
+
+async def _assert_served_and_sealed(blob, cache, data, chunks, i):
+    """Chunk i's right bytes are in the file and a read returns them; the blob then seals."""
+    c = chunks[i]
+    with open(blob.path, "rb") as f:
+        f.seek(c.start)
+        on_disk = f.read(c.length)
+    punched = on_disk == bytes(c.length)
+    assert not punched, "a hole was punched over the chunk fetched again"
+    assert on_disk == data[c.start:c.end]
+    assert blob.readable[i] and blob.present[i]
+    assert await blob.read(c.start, c.length) == data[c.start:c.end]
+    for j in blob.missing():
+        await blob.put_chunk(j, data[chunks[j].start:chunks[j].end])
+    await blob.seal()
+    assert cache.store.blob_path(d(data)).read_bytes() == data
+
+
+@pytest.mark.parametrize("dropped", ["before the check reaches it", "after the check failed it"])
+async def test_a_chunk_a_reader_drops_and_fetches_again_during_the_check_is_not_punched(
+        tmp_path, monkeypatch, dropped):
+    """A seal that did not match checks each landed chunk; meanwhile a reader (fetch_chunk, as
+    a mount does) finds one corrupt, drops it and fetches it again, and the fresh, verified
+    bytes are written and recorded before the check ends. The check must not punch a hole over
+    them (they would be served as zeros, and the blob would never seal), and it must still
+    blame that chunk (LandedChunksBad), not the chunk list. The interleaving is forced: the
+    check waits at chunks 0 and bad+1, the registry answers when told."""
+    from modelfs.cache.errors import LandedChunksBad
+    from modelfs.fetcher.pull import fetch_chunk
+
+    data = os.urandom(16 * 4096)
+    chunks, bad = chunks_of(data, 4096), 10
+    cache = BlobCache(tmp_path / "c", sync_interval=0.01)
+    try:
+        blob = await _open_landed(cache, data, chunks, [bad])
+        entered, go = _gate_checks(monkeypatch, blob, {0, bad + 1})
+        registry = _Registry(data)
+        outcome, refetched = {}, trio.Event()
+
+        async def seal():
+            with pytest.raises(LandedChunksBad) as exc:
+                await blob.seal()
+            outcome["blamed"] = exc.value.indexes
+
+        async def reader():
+            buf = await fetch_chunk(registry, blob, "url", bad)
+            assert bytes(buf.view) == data[chunks[bad].start:chunks[bad].end]
+            blob.release_buffer(buf)
+            await blob.commit_chunk(bad)
+            refetched.set()
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(seal)
+                if dropped == "before the check reaches it":
+                    await entered[0].wait()
+                    nursery.start_soon(reader)
+                    await registry.asked.wait()  # dropped it, and fetches it again
+                    assert not blob.landed[bad] and not blob.readable[bad]
+                    go[0].set()
+                    await entered[bad + 1].wait()  # the check went past it
+                else:
+                    go[0].set()
+                    await entered[bad + 1].wait()  # the check found it corrupt
+                    assert blob.landed[bad]
+                    nursery.start_soon(reader)
+                registry.answer.set()
+                await refetched.wait()  # fetched again: verified, written, recorded
+                go[bad + 1].set()
+        assert outcome["blamed"] == [bad]
+        await _assert_served_and_sealed(blob, cache, data, chunks, bad)
+    finally:
+        cache.close()
+
+
+async def test_a_chunk_fetched_again_while_the_check_punches_holes_keeps_its_bytes(
+        tmp_path, monkeypatch):
+    """The check drops two corrupt landed chunks; while the hole of the first is being
+    punched (held in its thread), a reader fetches the second again. Its fresh bytes must not
+    be punched after they are written: the decision and the punches are one step under the
+    file's write lock, so the write comes after them. (The reader is let go on once its write
+    is done, or waits for the write lock.)"""
+    from modelfs.cache import partial
+    from modelfs.cache.errors import LandedChunksBad
+    from modelfs.fetcher.pull import fetch_chunk
+
+    data = os.urandom(16 * 4096)
+    chunks, first, second = chunks_of(data, 4096), 5, 10
+    cache = BlobCache(tmp_path / "c", sync_interval=0.01)
+    try:
+        blob = await _open_landed(cache, data, chunks, [first, second])
+        punching, release = trio.Event(), threading.Event()
+        token = trio.lowlevel.current_trio_token()
+        real_punch = partial.punch_hole
+
+        def punch_hole(fd, offset, length):
+            if offset == chunks[first].start:
+                trio.from_thread.run_sync(punching.set, trio_token=token)
+                assert release.wait(20)
+            real_punch(fd, offset, length)
+        monkeypatch.setattr(partial, "punch_hole", punch_hole)
+        registry = _Registry(data)
+        registry.answer.set()
+        outcome, refetched = {}, trio.Event()
+
+        async def seal():
+            with pytest.raises(LandedChunksBad) as exc:
+                await blob.seal()
+            outcome["blamed"] = exc.value.indexes
+
+        async def reader():
+            buf = await fetch_chunk(registry, blob, "url", second)
+            blob.release_buffer(buf)
+            await blob.commit_chunk(second)
+            refetched.set()
+
+        try:
+            with trio.fail_after(20):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(seal)
+                    await punching.wait()
+                    assert not blob.landed[second] and not blob.readable[second]
+                    nursery.start_soon(reader)
+                    while not (refetched.is_set() or
+                               blob._write_lock.statistics().tasks_waiting):
+                        await trio.sleep(0.001)  # (a state polled for, not a race hoped for)
+                    release.set()
+        finally:
+            release.set()
+        assert sorted(outcome["blamed"]) == [first, second]
+        await _assert_served_and_sealed(blob, cache, data, chunks, second)
     finally:
         cache.close()
 
