@@ -1,4 +1,3 @@
-import hashlib
 import pathlib
 
 import hypercorn.config
@@ -18,14 +17,6 @@ from .faults import Faults
 from .gguf_factory import make_gguf_of_size
 
 FAST_RETRY = RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.05)
-
-
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while piece := f.read(1 << 20):
-            h.update(piece)
-    return "sha256:" + h.hexdigest()
 
 
 class LiveRegistry:

@@ -11,36 +11,18 @@ import pathlib
 import re
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 
 import pytest
 
-MODELFS = [sys.executable, "-m", "modelfs.fs.cli"]
+from .helpers import MODELFS, free_port, stop_process
+
 _LOG_RE = re.compile(r'"(?P<method>\S+) (?P<path>\S+)" range=(?P<range>\S+) (?P<status>\S+)')
 
 fuse_available = pytest.mark.skipif(
     not (os.path.exists("/dev/fuse") and shutil.which("fusermount3")),
     reason="needs /dev/fuse and fusermount3")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop_process(proc: subprocess.Popen | None) -> None:
-    """Terminate a process we started (by its handle), killing it if it lingers."""
-    if proc is not None and proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 class Server:

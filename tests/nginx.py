@@ -22,6 +22,8 @@ import socket
 import subprocess
 import time
 
+from .helpers import stop_process
+
 _TEMP_MODULES = ("proxy", "fastcgi", "uwsgi", "scgi")
 
 # One line of the access log written with write_nginx_config's format.
@@ -170,15 +172,7 @@ class Nginx:
 
     def stop(self) -> None:
         """Terminate it (by its pid), killing it if it lingers."""
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(self.proc)
 
     def log_size(self) -> int:
         """Bytes in the access log so far: pass to requests() to see only what follows."""

@@ -5,23 +5,16 @@ import re
 import signal
 import sqlite3
 import subprocess
-import sys
 
 import pytest
 import trio
 
 from modelfs.cache.units import FETCH_UNIT
 
-from .conftest import sha256_file
 from .gguf_factory import make_gguf_of_size
+from .helpers import MODELFS, import_model, modelfs, sha256_file
 
-MODELFS = [sys.executable, "-m", "modelfs.fs.cli"]
 MiB = 1 << 20
-
-
-def modelfs(*args, **kw):
-    return subprocess.run(MODELFS + [str(a) for a in args], capture_output=True, text=True,
-                          timeout=120, **kw)
 
 
 @pytest.fixture
@@ -29,9 +22,8 @@ def served(tmp_path):
     """`modelfs serve` as a subprocess over a models dir with one imported model."""
     models = tmp_path / "models"
     source = make_gguf_of_size(tmp_path / "m.gguf", 2 * MiB, seed=3)
-    r = modelfs("import", source, "tiny:q8", "--models", models, "--template", "T {{ .Prompt }}",
-                "--params", '{"stop": ["<end>"]}')
-    assert r.returncode == 0, r.stderr
+    import_model(source, "tiny:q8", models, "--template", "T {{ .Prompt }}",
+                 "--params", '{"stop": ["<end>"]}')
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen(MODELFS + ["serve", "--models", str(models), "--listen",
                                        "127.0.0.1:0", "--chunk-size", "128K", "--state-dir",

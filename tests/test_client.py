@@ -13,7 +13,8 @@ from modelfs.fetcher.pull import pull
 from modelfs.fetcher.retry import RetryPolicy
 
 from . import faults as F
-from .conftest import FAST_RETRY, sha256_file
+from .conftest import FAST_RETRY
+from .helpers import sha256_file
 
 URL = "http://reg.test/v2/library/m/blobs/sha256:" + "0" * 64
 DATA = bytes(range(256)) * 4

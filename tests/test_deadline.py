@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from . import faults as F
-from .conftest import sha256_file
+from .helpers import sha256_file
 from .mounting import Mount, fuse_available
 
 pytestmark = fuse_available

@@ -19,8 +19,8 @@ import trio
 from modelfs.cache.chunks import Chunk
 from modelfs.cache.units import digest_of
 
-from .conftest import sha256_file
-from .mounting import MODELFS, Mount, fuse_available
+from .helpers import MODELFS, import_model, sha256_file
+from .mounting import Mount, fuse_available
 
 pytestmark = fuse_available
 CHUNK = 64 << 10
@@ -179,8 +179,7 @@ def _serve_and_mount(tmp_path, size, *extra, chunk="64K"):
     from .mounting import Server
     models = tmp_path / "models"
     source = make_gguf_of_size(tmp_path / "src.gguf", size, seed=11)
-    subprocess.run(MODELFS + ["import", str(source), "m:1", "--models", str(models)],
-                   check=True, capture_output=True)
+    import_model(source, "m:1", models)
     server = Server(models, tmp_path / "state", tmp_path / "serve.log", chunk).start()
     return source, server, Mount(tmp_path / "mnt", tmp_path / "cache", server.url, *extra)
 

@@ -17,21 +17,15 @@ from modelfs.cache.units import FETCH_UNIT
 from modelfs.fetcher import export as export_mod
 from modelfs.fetcher.export import ExportError, ExportIncomplete, export_tree
 
-from .conftest import sha256_file
 from .gguf_factory import make_gguf_of_size
-from .mounting import MODELFS, Mount, fuse_available
+from .helpers import MODELFS, import_model, sha256_file
+from .mounting import Mount, fuse_available
 from .nginx import Nginx
 
 MiB = 1 << 20
 CHUNK = MiB
 HOST = "registry.ollama.ai"
 TEMPLATE = "{{ .System }} {{ .Prompt }}"
-
-
-def _import(source, name, models, *extra):
-    r = subprocess.run(MODELFS + ["import", str(source), name, "--models", str(models), *extra],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
 
 
 @pytest.fixture
@@ -45,9 +39,9 @@ def world(tmp_path):
         "tiny:q1": make_gguf_of_size(src / "tiny.gguf", 12 * MiB + 12345, seed=1),
         "alice/other:v2": make_gguf_of_size(src / "other.gguf", 3 * MiB, seed=2),
     }
-    _import(sources["tiny:q1"], "tiny:q1", models, "--template", TEMPLATE, "--system",
+    import_model(sources["tiny:q1"], "tiny:q1", models, "--template", TEMPLATE, "--system",
             "Be brief.", "--license", "MIT")
-    _import(sources["alice/other:v2"], "alice/other:v2", models, "--template", TEMPLATE)
+    import_model(sources["alice/other:v2"], "alice/other:v2", models, "--template", TEMPLATE)
     return {"tmp": tmp_path, "models": models, "sources": sources,
             "dest": tmp_path / "export", "state": tmp_path / "state"}
 

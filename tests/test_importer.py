@@ -31,8 +31,10 @@ from modelfs.fetcher.manifest import parse_manifest
 
 try:
     from tests.gguf_factory import KiB, MiB, make_gguf, make_gguf_of_size
+    from tests.helpers import sha256_file
 except ImportError:  # run with tests/ (not the checkout) on sys.path
     from gguf_factory import KiB, MiB, make_gguf, make_gguf_of_size
+    from helpers import sha256_file
 
 PARTS = ("registry.ollama.ai", "library", "tiny", "latest")
 TEMPLATE = "{{ if .System }}<|system|>{{ .System }}{{ end }}<|user|>{{ .Prompt }}"
@@ -40,14 +42,6 @@ SYSTEM = "You are a helpful assistant & you say \"hi\"."
 PARAMS = {"temperature": 0.7, "stop": ["<|user|>", "</s>"], "num_ctx": 4096}
 MESSAGES = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi ✓"}]
 LICENSE = "MIT License\n\nCopyright (c) modelfs\n"
-
-
-def sha256_file(path: pathlib.Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def blob_names(models: ModelsDir) -> list[str]:
@@ -76,11 +70,11 @@ def full_import(source, models, parts=PARTS):
 
 def test_model_blob_is_the_source_named_by_its_digest(small_gguf, models):
     result = import_gguf(small_gguf, PARTS, models)
-    hex_ = sha256_file(small_gguf)
+    hex_ = sha256_file(small_gguf)[len("sha256:"):]
     blob = models.blobs / f"sha256-{hex_}"
     assert result.model == type(result.model)(MODEL_MEDIA_TYPE, f"sha256:{hex_}", small_gguf.stat().st_size)
     assert blob.read_bytes() == small_gguf.read_bytes()
-    assert sha256_file(blob) == hex_
+    assert sha256_file(blob) == f"sha256:{hex_}"
     assert oct(blob.stat().st_mode & 0o777) == oct(0o644)
 
 
@@ -102,7 +96,7 @@ def test_manifest_layers_in_order_and_match_blob_files(small_gguf, models):
         assert set(entry) == {"mediaType", "digest", "size"}
         blob = models.blob_path(entry["digest"])
         assert blob.stat().st_size == entry["size"]
-        assert "sha256:" + sha256_file(blob) == entry["digest"]
+        assert sha256_file(blob) == entry["digest"]
     assert [(layer.media_type, layer.digest, layer.size) for layer in result.layers] == [
         (layer["mediaType"], layer["digest"], layer["size"]) for layer in doc["layers"]]
     assert result.manifest_digest == "sha256:" + hashlib.sha256(raw).hexdigest()
@@ -194,7 +188,7 @@ def test_same_weights_under_two_names_share_the_blob(small_gguf, models):
 
 
 def test_blob_of_wrong_size_is_replaced(small_gguf, models):
-    digest = "sha256:" + sha256_file(small_gguf)
+    digest = sha256_file(small_gguf)
     models.blob_path(digest).write_bytes(b"truncated")
     import_gguf(small_gguf, PARTS, models)
     assert models.blob_path(digest).read_bytes() == small_gguf.read_bytes()

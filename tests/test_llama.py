@@ -12,7 +12,6 @@ stay out of pytest, and a hung load can be killed on a timeout.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pathlib
@@ -24,8 +23,9 @@ import time
 
 import pytest
 
+from .helpers import import_model, sha256_file
 from .llama_model import make_tiny_llama
-from .mounting import MODELFS, Mount, Server, fuse_available
+from .mounting import Mount, Server, fuse_available
 
 pytestmark = fuse_available
 
@@ -138,10 +138,6 @@ def run_llama(python: str, model: pathlib.Path, use_mmap: bool) -> dict:
 
 # -- the model, served and mounted ----------------------------------------------------------------
 
-def _sha256(path: pathlib.Path) -> str:
-    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _covered(ranges: list[str], size: int) -> bool:
     spans = sorted((int(m[1]), int(m[2])) for r in ranges
                    if (m := re.fullmatch(r"bytes=(\d+)-(\d+)", r)))
@@ -158,14 +154,12 @@ def served(tmp_path):
     """The tiny llama, imported into a models dir and served with 1 MiB chunks."""
     source = make_tiny_llama(tmp_path / "tiny-llama.gguf", seed=7)
     models = tmp_path / "models"
-    r = subprocess.run(MODELFS + ["import", str(source), MODEL, "--models", str(models)],
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
+    import_model(source, MODEL, models)
     name, tag = MODEL.split(":")
     doc = json.loads((models / "manifests" / "registry.ollama.ai" / "library" / name / tag)
                      .read_bytes())
     layer = next(x for x in doc["layers"] if x["mediaType"].endswith(".model"))
-    assert layer["size"] == source.stat().st_size and layer["digest"] == _sha256(source)
+    assert layer["size"] == source.stat().st_size and layer["digest"] == sha256_file(source)
     assert layer["size"] > 2 * CHUNK  # the load has to cross chunk boundaries
     server = Server(models, tmp_path / "state", tmp_path / "serve.log", chunk_size="1M").start()
     try:
@@ -207,7 +201,7 @@ def test_llama_generates_the_same_tokens_through_a_cold_mount(served, llama_pyth
                 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert blob.exists() and blob.stat().st_size == size, mount.log()
-        assert _sha256(blob) == digest
+        assert sha256_file(blob) == digest
     finally:
         mount.cleanup()
 

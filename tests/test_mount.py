@@ -17,9 +17,9 @@ import time
 import numpy as np
 import pytest
 
-from .conftest import sha256_file
 from .gguf_factory import make_gguf_of_size
-from .mounting import MODELFS, Mount, Server, chunk_range, fuse_available, mounted
+from .helpers import MODELFS, import_model, sha256_file
+from .mounting import Mount, Server, chunk_range, fuse_available, mounted
 
 pytestmark = fuse_available
 MiB = 1 << 20
@@ -40,9 +40,7 @@ def world(tmp_path):
         ("alice/other:v2", 3 * MiB, 2, []),
     ]:
         path = make_gguf_of_size(src / f"{seed}.gguf", size, seed=seed)
-        r = subprocess.run(MODELFS + ["import", str(path), name, "--models", str(models),
-                                      *extra], capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr
+        import_model(path, name, models, *extra)
         sources[name] = path
     server = Server(models, tmp_path / "state", tmp_path / "serve.log").start()
     mounts = []

@@ -10,7 +10,7 @@ import time
 
 import trio
 
-from .conftest import sha256_file
+from .helpers import sha256_file
 from .mounting import Mount, fuse_available
 
 pytestmark = fuse_available

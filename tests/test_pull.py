@@ -15,7 +15,8 @@ from modelfs.fetcher.client import RegistryClient, user_agent
 from modelfs.fetcher.pull import pull
 
 from . import faults as F
-from .conftest import FAST_RETRY, PER_CHUNK, sha256_file
+from .conftest import FAST_RETRY, PER_CHUNK
+from .helpers import sha256_file
 from .landed import corrupt_a_landed_chunk, stopped_pull
 
 MiB = 1 << 20

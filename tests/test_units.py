@@ -17,7 +17,7 @@ from modelfs.cache.units import UnitHasher, bad_part, digest_of, group_units, pa
 from modelfs.fetcher.materializer import Materializer
 from modelfs.fetcher.pull import pull
 
-from .conftest import sha256_file
+from .helpers import sha256_file
 
 MiB = 1 << 20
 

@@ -1,0 +1,49 @@
+"""Helpers the tests (and the bench) share: file digests, the `modelfs` command as users run
+it, importing a model into a models dir, free ports, and stopping processes we started."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import subprocess
+import sys
+
+MODELFS = [sys.executable, "-m", "modelfs.fs.cli"]
+
+
+def sha256_file(path) -> str:
+    """`sha256:<hex>` of a file's bytes, read a MiB at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while piece := f.read(1 << 20):
+            h.update(piece)
+    return "sha256:" + h.hexdigest()
+
+
+def modelfs(*args, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+    """`modelfs ARGS...` as a process, its output captured as text."""
+    return subprocess.run(MODELFS + [str(a) for a in args], capture_output=True, text=True,
+                          timeout=timeout, **kw)
+
+
+def import_model(source, name: str, models, *extra) -> None:
+    """`modelfs import SOURCE NAME --models MODELS EXTRA...`, which must succeed."""
+    r = modelfs("import", source, name, "--models", models, *extra)
+    assert r.returncode == 0, r.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_process(proc: subprocess.Popen | None) -> None:
+    """Terminate a process we started (by its handle), killing it if it lingers."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
