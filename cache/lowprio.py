@@ -1,7 +1,7 @@
 """A worker thread at the lowest CPU priority, for the sealer's catch-up hashing.
 
 Why: the whole-blob hash costs as much CPU as verifying the chunks. In a mount it runs when
-readers pause (see PartialBlob.seal_paused) and often while an engine computes with the model it
+readers pause (see cache/readers.py) and often while an engine computes with the model it
 just loaded; at nice 19 it takes only the CPU nobody else wants. Linux applies nice per
 thread, so this thread is ours alone: trio's worker threads are reused for other work and must
 never be left at a low priority.

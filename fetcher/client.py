@@ -125,7 +125,6 @@ def _fill(receiver, data: Pieces) -> None:
     for part in data.parts:
         view[pos:pos + len(part)] = part
         pos += len(part)
-        receiver.arrived += len(part)
         receiver.received(pos)
 
 
@@ -329,21 +328,24 @@ class RegistryClient:
                 raise
             except NeedsFullClient:
                 receiver.reset()
-        data = await self.fetch_range(url, start, end, blob_size)
+        data = await self.fetch_range(url, start, end, blob_size, receiver)
         await trio.to_thread.run_sync(_fill, receiver, data)  # it hashes: off the loop
 
-    async def fetch_range(self, url: str, start: int, end: int, blob_size: int | None = None):
-        """Exactly bytes [start, end) of the blob at `url`, or an error. One attempt.
+    async def fetch_range(self, url: str, start: int, end: int, blob_size: int | None = None,
+                          receiver=None):
+        """Exactly bytes [start, end) of the blob at `url`, or an error. One attempt. The
+        bytes are counted as they come into `receiver.arrived` (progress: fetcher/deadline.py).
 
         httpx's read timeout bounds each wait for bytes; this bounds the whole answer, so a
         server that trickles a byte now and then cannot hold a chunk forever (a stall)."""
         budget = stall_budget(self.config.read_timeout, end - start)
         with trio.move_on_after(budget) as scope:
-            return await self._fetch_range(url, start, end, blob_size)
+            return await self._fetch_range(url, start, end, blob_size, receiver)
         assert scope.cancelled_caught
         raise stalled(url, start, end, budget)
 
-    async def _fetch_range(self, url: str, start: int, end: int, blob_size: int | None):
+    async def _fetch_range(self, url: str, start: int, end: int, blob_size: int | None,
+                           receiver):
         length = end - start
         headers = {"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"}
         async with self._stream("GET", url, headers) as response:
@@ -357,6 +359,8 @@ class RegistryClient:
                     if pos > length:  # (more than its Content-Length said, or none was given)
                         check_length(url, start, end, pos, "received")
                     parts.append(piece)  # kept as received: no copy into one buffer
+                    if receiver is not None:
+                        receiver.arrived += len(piece)
             check_length(url, start, end, pos)
             return Pieces(parts)
 

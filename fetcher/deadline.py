@@ -11,7 +11,7 @@ the time since the last progress. `wait(event, mark)` waits for an event and sam
 every `tick` seconds meanwhile.
 
 Concurrency contract: trio thread only. A mark may be read from counters that fetch threads
-write (`Receiver.filled`: plain ints written by one thread); a stale value only delays the next
+write (`Receiver.arrived`: plain ints written by one thread); a stale value only delays the next
 move by a tick.
 """
 

@@ -63,11 +63,12 @@ from modelfs.cache.sealedfile import SealedFile
 
 from .client import RegistryClient
 from .deadline import ProgressDeadline
+from .fetch import fetch_chunk
 from .manifest import Layer
 from .memcache import MemoryCache, memory_key
 from .names import ModelName
-from .pull import fetch_chunk
 from .scheduler import BACKGROUND, DEMAND, WINDOW, ByteBudget, FetchQueue
+from .source import OriginSource
 
 log = logging.getLogger(__name__)
 
@@ -485,7 +486,8 @@ class Materializer:
                 plan = await self._client.chunk_plan(state.name, layer, self._chunk_size,
                                                       WHOLE_UP_TO)
                 blob = self._blob(state)
-                if blob is None or plan.chunks != blob.chunks:
+                # (none: sealed or dropped meanwhile; the next read opens what it needs)
+                if blob is not None and plan.chunks != blob.chunks:
                     log.info("registry changed the chunk list of %s; starting it over",
                              layer.digest[:19])
                     self._cache.open_partial(layer.digest, layer.size, plan.chunks)
@@ -574,13 +576,19 @@ class Materializer:
             try:
                 url = await self._url(state)
                 blob = self._blob(state)
+                if blob is None:  # sealed or dropped while we asked for the URL
+                    raise BlobReset(f"blob {state.layer.digest[:19]} was reset while being read")
                 data = None
                 if not blob.ready(i):
                     self.fetches += 1
                     self._fetching.add(flight)
-                    data = await fetch_chunk(self._client, blob, url, i, flight.attempt)
+                    data = await fetch_chunk(OriginSource(self._client, url), blob, i,
+                                             self._client.config.retry, flight.attempt)
+                    # Kept for readers (and pushed into the kernel's page cache) only when
+                    # verified on its own: a chunk of a blob without chunk digests is not
+                    # servable before the seal (invariant 1), wherever it would be kept.
                     if (job.priority <= WINDOW or self._near_reader(state, i)) and \
-                            self._blob(state) is blob:
+                            blob.has_chunk_digests and self._blob(state) is blob:
                         self._keep(memory_key(blob, i), data, publish=True)
                     blob.release_buffer(data)
             finally:
@@ -654,7 +662,9 @@ class Materializer:
             self._queue.push((state.layer.digest, i), DEMAND, (state, i))  # promote
             await self._wait_flight(flight, deadline)
             current = self._blob(state)
-            if flight.error is not None and not (current and current.ready(i)):
+            if current is None:  # sealed or dropped meanwhile: the read starts over
+                raise BlobReset(f"blob {state.layer.digest[:19]} was reset while being read")
+            if flight.error is not None and not current.ready(i):
                 raise flight.error
 
     async def _fetch_whole(self, state: _BlobState, blob: PartialBlob,

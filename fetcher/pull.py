@@ -28,10 +28,11 @@ from modelfs.cache.errors import CacheFull, LandedChunksBad
 from modelfs.cache.partial import PartialBlob
 
 from .client import DEFAULT_CHUNK_SIZE, ChunkPlan, RegistryClient
+from .fetch import fetch_chunk
 from .groups import first_error
 from .manifest import Manifest
 from .names import ModelName
-from .retry import retrying
+from .source import OriginSource
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,8 @@ async def _fetch_all(jobs: list[_Job], client: RegistryClient, concurrency: int,
         nonlocal working
         async with receive:
             async for job in receive:
-                buf = await fetch_chunk(client, job.blob, job.plan.url, job.index)
+                buf = await fetch_chunk(OriginSource(client, job.plan.url), job.blob,
+                                        job.index, client.config.retry)
                 job.blob.release_buffer(buf)
                 # written and made durable in batches while this worker fetches the next chunk
                 nursery.start_soon(job.blob.commit_chunk, job.index)
@@ -150,34 +152,3 @@ async def _fetch_all(jobs: list[_Job], client: RegistryClient, concurrency: int,
             async with receive:
                 for _ in range(working):
                     nursery.start_soon(work, receive.clone(), nursery)
-
-
-async def fetch_chunk(client: RegistryClient, blob: PartialBlob, url: str, index: int,
-                      watch: Callable[[object], None] | None = None):
-    """Fetch chunk `index` into a buffer of the cache and put it through the cache's verifying
-    door, with retries. The chunk is verified (or, in a blob checked as a whole, landed for the
-    seal to check); the caller has it written and made durable (`blob.commit_chunk`), so
-    readers can be answered before either. A chunk that landed earlier is checked from the
-    file instead, and fetched only if it fails. Returns the buffer holding its bytes, with a
-    ref the caller gives back (`blob.release_buffer`). `watch` is shown each try's receiver
-    (its `arrived` bytes are the fetch's progress)."""
-    chunk = blob.chunks[index]
-    # in the file already (a pull that stopped), never checked alone: checked from the file
-    buf = await blob.verify_landed(index)
-    if buf is not None:
-        return buf
-
-    async def once():
-        receiver = blob.receiver(index)
-        if watch is not None:
-            watch(receiver)
-        try:
-            await client.fetch_range_into(url, chunk.start, chunk.end, blob.size, receiver)
-            await blob.write_chunk(index, receiver)
-        except BaseException:
-            blob.release_buffer(receiver.buf)
-            raise
-        return receiver.buf
-
-    return await retrying(once, client.config.retry,
-                          f"chunk {index} ({chunk.start}-{chunk.end - 1}) of {blob.digest[:19]}")

@@ -1,5 +1,5 @@
 """Retries with jittered exponential backoff, for temporary failures only (errors.py says which
-are). The one policy for chunks: a pull and a mount both fetch them through `pull.fetch_chunk`,
+are). The one policy for chunks: a pull and a mount both fetch them through `fetch.fetch_chunk`,
 so a flaky source is retried the same way under both."""
 
 from __future__ import annotations

@@ -4,7 +4,6 @@ import hashlib
 import logging
 import os
 import threading
-import types
 
 import pytest
 import trio
@@ -304,7 +303,7 @@ async def test_a_bad_received_chunk_is_never_written(cache):
 
 async def test_a_receiver_does_not_wait_for_ever_for_a_sealer_that_cannot_move(cache,
                                                                              monkeypatch):
-    """Where the seal is awaited (no seal_paused), a chunk far ahead of the sealer waits for it
+    """Where the seal is awaited (no readers: a pull), a chunk far ahead of the sealer waits for it
     to come closer; but the sealer waits for chunk 0, which nobody fetches (a resumed pull):
     after SEALER_PATIENCE the receiver goes on, and so do the ones after it."""
     from modelfs.cache import partial
@@ -379,17 +378,17 @@ async def test_a_reader_dropping_a_corrupt_landed_chunk_during_a_seal_blames_the
         cache.close()
 
 
-class _Registry:
-    """What `fetch_chunk` needs of a registry client: each range served from `data`, once
-    `answer` is set (`asked` is set when a range is asked for)."""
+class _Source:
+    """A chunk source (fetcher/source.py) serving each range from `data`, once `answer` is
+    set (`asked` is set when a range is asked for)."""
+
+    name = "a test source"
 
     def __init__(self, data: bytes):
-        from modelfs.fetcher.retry import RetryPolicy
         self.data = data
-        self.config = types.SimpleNamespace(retry=RetryPolicy(attempts=1))
         self.asked, self.answer = trio.Event(), trio.Event()
 
-    async def fetch_range_into(self, url, start, end, size, receiver):
+    async def fetch_into(self, start, end, size, receiver):
         self.asked.set()
         await self.answer.wait()
         receiver.view[:end - start] = self.data[start:end]
@@ -457,7 +456,8 @@ async def test_a_chunk_a_reader_drops_and_fetches_again_during_the_check_is_not_
     blame that chunk (LandedChunksBad), not the chunk list. The interleaving is forced: the
     check waits at chunks 0 and bad+1, the registry answers when told."""
     from modelfs.cache.errors import LandedChunksBad
-    from modelfs.fetcher.pull import fetch_chunk
+    from modelfs.fetcher.fetch import fetch_chunk
+    from modelfs.fetcher.retry import RetryPolicy
 
     data = os.urandom(16 * 4096)
     chunks, bad = chunks_of(data, 4096), 10
@@ -465,7 +465,7 @@ async def test_a_chunk_a_reader_drops_and_fetches_again_during_the_check_is_not_
     try:
         blob = await _open_landed(cache, data, chunks, [bad])
         entered, go = _gate_checks(monkeypatch, blob, {0, bad + 1})
-        registry = _Registry(data)
+        registry = _Source(data)
         outcome, refetched = {}, trio.Event()
 
         async def seal():
@@ -474,7 +474,7 @@ async def test_a_chunk_a_reader_drops_and_fetches_again_during_the_check_is_not_
             outcome["blamed"] = exc.value.indexes
 
         async def reader():
-            buf = await fetch_chunk(registry, blob, "url", bad)
+            buf = await fetch_chunk(registry, blob, bad, RetryPolicy(attempts=1))
             assert bytes(buf.view) == data[chunks[bad].start:chunks[bad].end]
             blob.release_buffer(buf)
             await blob.commit_chunk(bad)
@@ -513,7 +513,8 @@ async def test_a_chunk_fetched_again_while_the_check_punches_holes_keeps_its_byt
     is done, or waits for the write lock.)"""
     from modelfs.cache import partial
     from modelfs.cache.errors import LandedChunksBad
-    from modelfs.fetcher.pull import fetch_chunk
+    from modelfs.fetcher.fetch import fetch_chunk
+    from modelfs.fetcher.retry import RetryPolicy
 
     data = os.urandom(16 * 4096)
     chunks, first, second = chunks_of(data, 4096), 5, 10
@@ -530,7 +531,7 @@ async def test_a_chunk_fetched_again_while_the_check_punches_holes_keeps_its_byt
                 assert release.wait(20)
             real_punch(fd, offset, length)
         monkeypatch.setattr(partial, "punch_hole", punch_hole)
-        registry = _Registry(data)
+        registry = _Source(data)
         registry.answer.set()
         outcome, refetched = {}, trio.Event()
 
@@ -540,7 +541,7 @@ async def test_a_chunk_fetched_again_while_the_check_punches_holes_keeps_its_byt
             outcome["blamed"] = exc.value.indexes
 
         async def reader():
-            buf = await fetch_chunk(registry, blob, "url", second)
+            buf = await fetch_chunk(registry, blob, second, RetryPolicy(attempts=1))
             blob.release_buffer(buf)
             await blob.commit_chunk(second)
             refetched.set()

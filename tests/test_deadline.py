@@ -18,12 +18,16 @@ pytestmark = fuse_available
 MiB = 1 << 20
 
 
+@pytest.mark.parametrize("plane", ["direct", "httpx"])
 async def test_a_slow_whole_blob_is_waited_for_and_a_stalled_one_fails_soon(live_registry,
-                                                                           tmp_path):
+                                                                           tmp_path,
+                                                                           monkeypatch, plane):
     """No chunk digests (the blob is fetched whole and sealed before any byte is served), at
     2 MiB/s, with a read timeout of 1 s: the first read waits the 3 s the download takes and
     gets the right bytes. Another blob whose answer stops after 2 MiB fails with EIO about
-    1 s after its last byte, not at the data plane's own 30 s stall timeout."""
+    1 s after its last byte, not at the data plane's own 30 s stall timeout. Either HTTP stack
+    counts the bytes as they come."""
+    monkeypatch.setenv("MODELFS_DATA_PLANE", plane)  # (the mount inherits it)
     reg = await live_registry(chunk_size=64 << 10)
     slow_src, slow = reg.add_model("slow", 6 * MiB, seed=1)
     _, stuck = reg.add_model("stuck", 6 * MiB, seed=2)

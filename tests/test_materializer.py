@@ -2,6 +2,7 @@
 
 import pytest
 import trio
+import trio.testing
 
 from modelfs.cache.blobcache import BlobCache
 from modelfs.cache.errors import ModelfsError
@@ -235,5 +236,35 @@ async def test_landed_chunks_are_checked_before_they_are_served(live_registry, t
         want = {f"bytes={c.start}-{c.end - 1}" for i, c in enumerate(chunks)
                 if not present[i] or i == bad}
         assert sorted(again) == sorted(want)
+    finally:
+        cache.close()
+
+
+async def test_chunks_of_a_blob_without_digests_are_not_kept_or_published_before_the_seal(
+        live_registry, tmp_path):
+    """No chunk digests: the chunks a read waits for are fetched whole at DEMAND, but none is
+    kept for readers or pushed into the kernel's page cache before the whole blob matched its
+    digest (invariant 1: a pushed page would be served by the kernel itself)."""
+    reg = await live_registry(chunk_size=64 << 10)
+    source, imported = reg.add_model("plain", 4 << 20)
+    layer = imported.model
+    reg.faults.add("GET", "/chunksums/", F.reply(404, b"404 page not found"))
+    cache = BlobCache(tmp_path / "cache", sync_interval=0.01, readers=ReaderActivity())
+    pushed = []
+
+    async def publish(digest, offset, buf):
+        pushed.append((offset, cache.is_sealed(digest, layer.size)))
+
+    try:
+        async with RegistryClient(ClientConfig(retry=FAST_RETRY)) as client:
+            async with trio.open_nursery() as nursery:
+                mat = Materializer(client, cache, nursery, chunk_size=1 << 20, publish=publish)
+                with trio.fail_after(30):
+                    got = await mat.read(reg.name("plain"), layer, 0, 1 << 20,
+                                         ahead=(1 << 20, 3 << 20))
+                assert got == source.read_bytes()[:1 << 20]
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.cancel_scope.cancel()
+        assert all(sealed for _, sealed in pushed), pushed
     finally:
         cache.close()
