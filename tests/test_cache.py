@@ -111,6 +111,24 @@ async def test_resume_keeps_chunks_for_the_same_list_only(tmp_path):
     cache.close()
 
 
+async def test_a_blob_started_over_gives_its_room_back(cache):
+    """A new chunk list (or a lost file) starts the blob over: the bytes it had, recorded or
+    only written, leave the budget with its rows and its file (they stayed counted until the
+    next recount)."""
+    blob = cache.open_partial(DIGEST, SIZE, CHUNKS)
+    for i in (0, 5):
+        await blob.put_chunk(i, piece(i))
+    assert await blob.write_chunk(7, piece(7))  # written, not recorded
+    assert cache.budget.used == 3000
+    blob = cache.open_partial(DIGEST, SIZE, chunks_of(DATA, 2000))  # another list
+    assert cache.budget.used == cache.index.usage() == 0
+    await blob.put_chunk(1, DATA[2000:4000])
+    cache.release(blob)
+    blob.path.unlink()  # lost behind our back
+    cache.open_partial(DIGEST, SIZE, chunks_of(DATA, 2000))
+    assert cache.budget.used == cache.index.usage() == 0
+
+
 async def test_seal_mismatch_discards_everything(cache, caplog):
     lying = chunks_of(DATA[:-1] + b"X")
     blob = cache.open_partial(DIGEST, SIZE, lying)
@@ -218,6 +236,33 @@ async def test_eviction_frees_least_recently_used_chunks_and_unseals(tmp_path):
         for i, here in enumerate(blob.readable):
             if here:
                 assert await blob.read(CHUNKS[i].start, CHUNKS[i].length) == piece(i)
+    finally:
+        cache.close()
+
+
+async def test_a_write_retried_after_enospc_is_counted_once(tmp_path, monkeypatch):
+    """The disk fills under a write: the budget evicts for it and the write is tried again.
+    Its bytes are counted once (they were counted twice, one chunk too many per ENOSPC, until
+    the next recount)."""
+    import errno
+
+    from modelfs.cache import partial
+    real, failed = partial.pwrite_all, []
+
+    def full_once(fd, data, offset):
+        if offset == 4 * 1000 and not failed:
+            failed.append(offset)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, data, offset)
+
+    monkeypatch.setattr(partial, "pwrite_all", full_once)
+    cache = BlobCache(tmp_path / "c", sync_interval=0.01)
+    try:
+        blob = cache.open_partial(DIGEST, SIZE, CHUNKS)
+        for i in range(5):
+            await blob.put_chunk(i, piece(i))
+        assert failed and cache.budget.evicted_bytes == 1000  # room was made for the retry
+        assert cache.budget.used == cache.index.usage() == 4000
     finally:
         cache.close()
 
