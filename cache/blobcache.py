@@ -222,6 +222,10 @@ class BlobCache:
         if blob is not None and not blob.sealed and blob.chunks == chunks:
             blob.check_whole = check_whole and blob.has_chunk_digests
             return blob
+        # what the budget counts for this blob now (as DiskBudget._resync does), should it
+        # start over
+        counted = 0 if blob is None or blob.sealed else sum(
+            c.length for i, c in enumerate(blob.chunks) if blob.in_file(i) and not blob.present[i])
         if blob is not None:
             # Not closed here: a read in a thread may still use its fd. Closed with the cache.
             blob.retire()
@@ -229,6 +233,8 @@ class BlobCache:
             del self._open[digest]
         path = self.partial_dir / partial_name(digest)
         stored = self.index.load(digest)
+        if stored is not None:
+            counted += self.index.present_bytes(digest, stored[0])
         if stored is not None and stored[0] == size and stored[1] == chunks and path.exists():
             present = stored[2]
             if any(present):
@@ -240,6 +246,7 @@ class BlobCache:
                 log.info("chunk list of %s changed or its file is gone; starting over", digest[:19])
             path.unlink(missing_ok=True)
             self.index.replace(digest, size, chunks)
+            self.budget.used -= counted  # those bytes are gone with the file and the rows
             present = [False] * len(chunks)
         blob = self._blob(digest, size, chunks, present, path, check_whole=check_whole)
         self._open[digest] = blob

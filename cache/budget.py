@@ -112,7 +112,8 @@ class DiskBudget:
             log.info("no spare room for the index on a full disk (%s)", exc.strerror)
 
     async def reserve(self, need: int, *, disk_full: bool = False) -> None:
-        """Make room for `need` bytes about to be written (and count them as used)."""
+        """Make room for `need` bytes about to be written (and count them as used, unless
+        `disk_full`: the write that hit ENOSPC reserved them already and is tried again)."""
         async with self._lock:
             short = max(self._short_of(need), need if disk_full else 0)
             if disk_full and self._spare.exists():
@@ -129,7 +130,8 @@ class DiskBudget:
                     self._warned = True
                     log.warning("cache over its budget by %d bytes: what is left is being read "
                                 "right now", short - freed)
-            self.used += need
+            if not disk_full:  # (a retry after ENOSPC: its bytes were counted the first time)
+                self.used += need
 
     async def _evict(self, want: int) -> int:
         self.flush()

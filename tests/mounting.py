@@ -16,6 +16,8 @@ import time
 
 import pytest
 
+from modelfs.cache.chunks import MAX_CHUNK_BYTES
+
 from .helpers import MODELFS, free_port, stop_process
 
 _LOG_RE = re.compile(r'"(?P<method>\S+) (?P<path>\S+)" range=(?P<range>\S+) (?P<status>\S+)')
@@ -72,6 +74,42 @@ def chunk_range(index: int, chunk: int, size: int) -> str:
     return f"bytes={start}-{min(start + chunk, size) - 1}"
 
 
+# Mounts started by the current test, once each (tests/conftest.py checks their cache
+# directories at its end).
+started: list["Mount"] = []
+
+
+def _size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(text[:-1]) * units[text[-1].upper()] if text[-1].isalpha() else int(text)
+
+
+def caches_to_check() -> list[tuple[pathlib.Path, dict]]:
+    """The cache directories of the mounts this test started, with check_cache_dir's options.
+    A cap may be exceeded by the chunks in flight (--max-inflight, README). A daemon stopped by
+    `unmount` recorded every chunk it wrote; one killed (or lazily unmounted, then killed) may
+    leave what its unrecorded budget allows (--max-inflight, and one chunk alone may exceed
+    it), in blobs the next daemon does not open again: each such life adds its own; and what
+    a step cut short leaves (check_cache_dir's `crashed`)."""
+    out: dict[pathlib.Path, dict] = {}
+    for m in started:
+        inflight = 64 << 20
+        if "--max-inflight" in m.extra:
+            inflight = _size(m.extra[m.extra.index("--max-inflight") + 1])
+        for cache, clean in m.lives:
+            entry = out.setdefault(cache, {"over_cap": 0, "clean": True, "leftover": 0,
+                                           "crashed": False})
+            entry["over_cap"] = max(entry["over_cap"], inflight)
+            if not clean:
+                entry["clean"] = False
+                entry["crashed"] = True
+                entry["leftover"] += inflight + MAX_CHUNK_BYTES
+    for entry in out.values():
+        if entry["clean"]:
+            del entry["leftover"]
+    return list(out.items())
+
+
 class Mount:
     """`modelfs mount` in the background; `pid` is the daemon."""
 
@@ -79,9 +117,13 @@ class Mount:
                  *extra: str):
         self.path, self.cache, self.registry, self.extra = mountpoint, cache, registry, extra
         self.pid = None
+        self.lives: list[tuple[pathlib.Path, bool]] = []  # (cache, stopped by unmount) each start
 
     def start(self, check: bool = True) -> subprocess.CompletedProcess:
         self.path.mkdir(exist_ok=True)
+        if self not in started:
+            started.append(self)
+        self.lives.append((self.cache, False))
         result = subprocess.run(
             MODELFS + ["mount", str(self.path), "--registry", self.registry, "--cache",
                        str(self.cache), *self.extra], capture_output=True, text=True, timeout=60)
@@ -96,6 +138,8 @@ class Mount:
         """`modelfs unmount`, then wait until the daemon is gone."""
         subprocess.run(MODELFS + ["unmount", str(self.path)], check=True, capture_output=True)
         assert self.wait_gone()
+        if self.lives:
+            self.lives[-1] = (self.lives[-1][0], True)
 
     def alive(self) -> bool:
         if self.pid is None:

@@ -16,8 +16,8 @@ import time
 import pytest
 import trio
 
-from modelfs.cache.chunks import Chunk
-from modelfs.cache.units import digest_of
+from modelfs.cache.chunks import MAX_CHUNK_BYTES
+from modelfs.cache.invariants import check_cache_dir
 
 from .helpers import MODELFS, import_model, sha256_file
 from .mounting import Mount, fuse_available
@@ -39,25 +39,20 @@ def cache_bytes_on_disk(cache) -> int:
     return total
 
 
-def check_recorded_chunks(cache, digest) -> set[str]:
-    """Every chunk the index calls present has exactly its digest's bytes; returns them."""
+def check_recorded_chunks(cache, digest, clean: bool = False) -> set[str]:
+    """The cache directory is consistent (check_cache_dir: among others, every chunk the index
+    calls present has exactly its digest's bytes, over no hole); returns the ranges of
+    `digest`'s recorded chunks. (After a kill -9: chunks written but not recorded may stay in
+    the file, up to what the unrecorded budget allows, and what a step cut short leaves, see
+    check_cache_dir. `clean`: after an unmount, which records every chunk it wrote.)"""
+    if clean:
+        check_cache_dir(cache, clean=True)
+    else:
+        check_cache_dir(cache, crashed=True, leftover=(64 << 20) + MAX_CHUNK_BYTES)
     with sqlite3.connect(cache / "index.sqlite") as db:
-        rows = db.execute('SELECT start, "end", chunk_digest, present, parts FROM chunks '
-                          "WHERE digest=?", (digest,)).fetchall()
-        sealed = db.execute("SELECT 1 FROM sealed WHERE digest=?", (digest,)).fetchone()
-    path = (cache / "blobs" / ("sha256-" + digest[7:])) if sealed else \
-        (cache / "partial" / ("sha256-" + digest[7:] + ".partial"))
-    present = set()
-    if not rows:
-        return present
-    with open(path, "rb") as f:
-        for start, end, chunk_digest, here, parts in rows:
-            if here:
-                f.seek(start)
-                got = digest_of(Chunk(start, end, chunk_digest, parts), f.read(end - start))
-                assert got == chunk_digest, f"chunk {start}-{end - 1} recorded but wrong"
-                present.add(f"bytes={start}-{end - 1}")
-    return present
+        rows = db.execute('SELECT start, "end" FROM chunks WHERE digest=? AND present>0',
+                          (digest,)).fetchall()
+    return {f"bytes={start}-{end - 1}" for start, end in rows}
 
 
 async def _start(m: Mount):
@@ -279,7 +274,10 @@ def test_disk_full_evicts_and_retries_then_fails_cleanly(tmp_path):
                     time.sleep(0.05)
                 assert full.search(m.log())  # it told why nothing was cached
             m.unmount()
-            check_recorded_chunks(m.cache, _model_digest(server))
+            # (On the 768k filesystem a chunk's write fails half done and making room fails
+            # too (the index cannot be written either): those bytes stay in the file,
+            # unrecorded, until the blob is opened again; so only what a crash leaves holds.)
+            check_recorded_chunks(m.cache, _model_digest(server), clean=size == "24m")
             subprocess.run(["umount", "-l", str(small)], check=True)
             mounted_tmpfs.pop()
     finally:
