@@ -106,6 +106,9 @@ async def test_temporary_failures_are_retried(live_registry, cache, chunk_client
     assert statuses == [503, 200]
 
 
+# a failed pull leaves the chunks it had written unrecorded, counted by the budget until its
+# next recount (cache/invariants.py; the next open gives them back): timing decides if any
+@pytest.mark.invariants(budget_exact=False)
 async def test_missing_blob_fails_fast(live_registry, cache, client):
     reg = await live_registry()
     _, imported = reg.add_model("gone", 512 << 10)
