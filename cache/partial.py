@@ -171,6 +171,9 @@ class PartialBlob:
         self._seal_lock = trio.Lock()
         self._write_lock = trio.Lock()
         self._sealing = False
+        # Replaced by a new chunk list, or discarded: its rows in the index are another
+        # object's now (or gone), so nothing of it is recorded any more (see retire).
+        self._retired = False
         # While a seal checks the landed chunks (_check_landed): the ones dropped as corrupt
         # since it began, by it or by a reader (verify_landed). None otherwise.
         self._dropped_in_check: set[int] | None = None
@@ -203,8 +206,13 @@ class PartialBlob:
 
     def retire(self) -> None:
         """Replaced or discarded: let go of the memory it holds now (its fds stay open for
-        reads in flight and are closed by `close`)."""
+        reads in flight and are closed by `close`). Commits still running for it record
+        nothing: its chunk indexes would name rows of the new list (a chunk recorded over a
+        hole, after a restart). What it counted as unrecorded is given back."""
+        self._retired = True
         self._clear_early()
+        for i in list(self._counted):
+            self._settle(i)
 
     @property
     def _direct_fd(self) -> int:
@@ -273,7 +281,8 @@ class PartialBlob:
         """Landed chunks checked (on their own, or by the whole blob's digest): readable."""
         for i in indexes:
             self.landed[i], self.readable[i] = False, True
-        self._index.mark_present(self.digest, indexes)
+        if not self._retired:
+            self._index.mark_present(self.digest, indexes)
         for i in indexes:
             self._settle(i)
 
@@ -640,7 +649,7 @@ class PartialBlob:
 
     def _record(self, indexes: list[int]) -> None:
         """Record chunks whose bytes are durable in the file as present, and settle them."""
-        for verified in (True, False):
+        for verified in (True, False) if not self._retired else ():
             these = [i for i in indexes if self.landed[i] != verified]
             if these:
                 self._index.mark_present(self.digest, these, verified=verified)

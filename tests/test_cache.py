@@ -110,6 +110,19 @@ async def test_resume_keeps_chunks_for_the_same_list_only(tmp_path):
     cache.close()
 
 
+async def test_a_replaced_blob_records_nothing_in_the_new_list(cache):
+    """A chunk written under one chunk list, committed after the list was replaced: its index
+    names a row of the new list, which must not be recorded present (after a restart it would
+    be trusted over a hole)."""
+    blob = cache.open_partial(DIGEST, SIZE, CHUNKS)
+    assert await blob.write_chunk(3, piece(3))  # written, not yet committed
+    newer = cache.open_partial(DIGEST, SIZE, chunks_of(DATA, 2000))  # another list
+    await blob.commit_chunk(3)  # the old object's commit still runs
+    assert cache.index.load(DIGEST)[2] == [0] * len(newer.chunks)
+    assert newer.missing() == list(range(len(newer.chunks)))
+    assert cache.unrecorded.held == 0  # its room was given back
+
+
 async def test_a_blob_started_over_gives_its_room_back(cache):
     """A new chunk list (or a lost file) starts the blob over: the bytes it had, recorded or
     only written, leave the budget with its rows and its file (they stayed counted until the
