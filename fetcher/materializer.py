@@ -14,8 +14,9 @@ Concurrency contract (trio thread only; file I/O goes through the cache's thread
   the mount's nursery, not to a reader: a reader that gives up at its deadline does not cancel
   a fetch others wait for. A failed flight hands its error to the readers waiting on it; the
   next read queues a new one.
-- A chunk is served as soon as it is verified and written (`readable`); it is made durable and
-  recorded in the index right after, with one fdatasync shared by the chunks that wait for it.
+- A chunk is served as soon as it is verified (`ready`), from its buffer until it is written;
+  it is made durable and recorded in the index right after, with one fdatasync shared by the
+  chunks that wait for it.
 - Chunks a reader wants (demand, or the window, also when the window reached a chunk that was
   already being fetched in the background) stay in memory (`memory_cache` bytes, as refs on
   their chunk buffers), so the stream of READs behind them is answered with slices of those

@@ -7,7 +7,8 @@ in front of a demand miss for longer than one chunk transfer.
 
 `ByteBudget` bounds the bytes of chunk data held by fetches in flight, across all workers and
 blobs (invariant 8): a worker takes a chunk's length from it before fetching and gives it back
-when the bytes are on disk.
+once the chunk is verified (its write behind is bounded by the cache: PENDING_LIMIT per blob
+and the unrecorded budget, cache/groupsync.py).
 
 Concurrency contract: trio thread only; no awaits between reading and changing the heap.
 """
