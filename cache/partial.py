@@ -238,6 +238,11 @@ class PartialBlob:
         """Chunk `i` was verified: its bytes may be served (from memory until written)."""
         return self.readable[i]
 
+    def fetched(self, i: int) -> bool:
+        """Nothing is left to fetch for chunk `i`: it is verified or, in a blob checked as a
+        whole (a pull), it landed for the seal to check."""
+        return self.readable[i] or (self.check_whole and self.landed[i])
+
     def all_ready(self, indexes) -> bool:
         return all(self.readable[i] for i in indexes)
 
