@@ -5,15 +5,15 @@ EOF), fetching the chunks that cover them if they are missing, and only bytes wh
 verified (invariant 1). Reads of sealed blobs come straight from `blobs/`.
 
 Concurrency contract (trio thread only; file I/O goes through the cache's thread limiter):
-- Fetches are jobs in one `FetchQueue`, most urgent first: a reader's miss (DEMAND), the
-  window ahead of a sequential reader (WINDOW), the rest of an open model (BACKGROUND).
-  `workers` tasks in the mount's nursery run them; each takes the chunk's bytes from the
-  shared `ByteBudget` first, so memory is bounded by `max_inflight` whatever the number of
-  readers or the model size (invariant 8).
-- One flight per chunk at a time, however many readers wait (invariant 5). A flight belongs to
-  the mount's nursery, not to a reader: a reader that gives up at its deadline does not cancel
-  a fetch others wait for. A failed flight hands its error to the readers waiting on it; the
-  next read queues a new one.
+- Fetches go through the process's fetch engine (fetcher/engine.py, shared with a pull): one
+  queue, most urgent first: a reader's miss (DEMAND), the window ahead of a sequential reader
+  (WINDOW), the rest of an open model (BACKGROUND); one flight per chunk however many readers
+  wait (invariant 5); memory bounded by its `max_inflight` bytes (invariant 8). The
+  materializer is the engine's requester for the mount's blobs: it says where a blob comes
+  from (`source`), holds back background chunks too far ahead of a busy reader (`defer`,
+  then `_pace`), keeps the chunks a reader is about to want (`fetched`) and seals a blob
+  once its last chunk is recorded (`recorded`). A failed flight hands its error to the
+  readers waiting on it; the next read wants a new one.
 - A chunk is served as soon as it is verified (`ready`), from its buffer until it is written;
   it is made durable and recorded in the index right after, with one fdatasync shared by the
   chunks that wait for it.
@@ -55,7 +55,7 @@ from typing import Awaitable, Callable
 import trio
 
 from modelfs.cache.blobcache import BlobCache
-from modelfs.cache.chunkbuf import ChunkBuffer, Receiver
+from modelfs.cache.chunkbuf import ChunkBuffer
 from modelfs.cache.chunks import DEFAULT_CHUNK_SIZE
 from modelfs.cache.errors import (CacheFull, LandedChunksBad, ModelfsError, SealInterrupted,
                                   SealMismatch)
@@ -64,12 +64,12 @@ from modelfs.cache.sealedfile import SealedFile
 
 from .client import RegistryClient
 from .deadline import ProgressDeadline
-from .fetch import fetch_chunk
+from .engine import BlobReset, FetchEngine
 from .manifest import Layer
 from .memcache import MemoryCache, memory_key
 from .names import ModelName
-from .scheduler import BACKGROUND, DEMAND, WINDOW, ByteBudget, FetchQueue
-from .source import OriginSource
+from .scheduler import BACKGROUND, DEMAND, WINDOW
+from .source import ChunkSource, OriginSource
 
 log = logging.getLogger(__name__)
 
@@ -90,25 +90,7 @@ class Quarantined(ModelfsError):
     """A blob whose seal failed recently; not served until it is fetched again."""
 
 
-class BlobReset(ModelfsError):
-    """A blob's cached state was reset under a read (discarded or evicted): read again."""
-
-
-@dataclasses.dataclass(eq=False)  # (by identity: flights are kept in sets)
-class _Flight:
-    done: trio.Event = dataclasses.field(default_factory=trio.Event)
-    error: BaseException | None = None
-    receiver: Receiver | None = None  # of the try in progress (or the last one)
-    earlier: int = 0  # bytes received by its earlier tries
-
-    def attempt(self, receiver: Receiver) -> None:
-        """A new try receives into `receiver` (fetch_chunk tells us)."""
-        self.earlier = self.received()
-        self.receiver = receiver
-
-    def received(self) -> int:
-        """Bytes received for this chunk so far, all tries together: its progress."""
-        return self.earlier + (self.receiver.arrived if self.receiver is not None else 0)
+__all__ = ["BlobReset", "Materializer", "Quarantined"]
 
 
 @dataclasses.dataclass
@@ -117,7 +99,6 @@ class _BlobState:
     layer: Layer
     url: str | None = None
     plan_lock: trio.Lock = dataclasses.field(default_factory=trio.Lock)
-    flights: dict[int, _Flight] = dataclasses.field(default_factory=dict)
     sealing: tuple[PartialBlob, trio.Event] | None = None  # the seal of that blob object
     quarantined_until: float = 0.0
     seal_error: BaseException | None = None
@@ -143,10 +124,13 @@ class Materializer:
                  workers: int = 4, max_inflight: int = 64 << 20, memory_cache: int = 80 << 20,
                  chunk_size: int = DEFAULT_CHUNK_SIZE, quarantine_seconds: float = 30.0,
                  background: bool = True, on_sealed: Callable[[str], None] | None = None,
-                 publish: Callable[[str, int, ChunkBuffer], Awaitable[None]] | None = None):
+                 publish: Callable[[str, int, ChunkBuffer], Awaitable[None]] | None = None,
+                 engine: FetchEngine | None = None):
+        """`engine`: the process's fetch engine (fetcher/engine.py); without one, the
+        materializer makes its own in `nursery`, of `workers` tasks and `max_inflight` bytes."""
         self._client, self._cache, self._nursery = client, cache, nursery
-        self._queue = FetchQueue()
-        self.budget = ByteBudget(max_inflight)
+        self.engine = engine or FetchEngine(cache, nursery, retry=client.config.retry,
+                                            workers=workers, max_inflight=max_inflight)
         self._memory = MemoryCache(memory_cache, cache.pool)
         # how far ahead of a busy reader background chunks are fetched (and kept in memory)
         self._lead = max(memory_cache - 2 * chunk_size, chunk_size)
@@ -158,9 +142,6 @@ class Materializer:
         self._background = background
         self._on_sealed = on_sealed or (lambda digest: None)
         self._states: dict[str, _BlobState] = {}
-        self._fetching: set[_Flight] = set()  # flights whose chunk is being received
-        self._received = 0  # bytes received by the flights that ended (progress marks)
-        self.fetches = 0  # chunk fetches started (statistics)
         self.loads = 0  # chunks read back from the disk for readers (statistics)
         # Called (as a task of the mount) with (blob digest, offset, chunk buffer) for each chunk
         # kept for a reader; the buffer is held for the call (fs/pagecache.py pushes it into
@@ -170,8 +151,6 @@ class Materializer:
         if cache.readers is None:
             raise ValueError("a mount's cache records its readers: BlobCache(readers=...)")
         self._readers = cache.readers
-        for _ in range(max(1, workers)):
-            nursery.start_soon(self._worker)
 
     def close(self) -> None:
         self._memory.clear()
@@ -207,12 +186,7 @@ class Materializer:
             state.background = False
             blob = self._blob(state)
             for i in range(len(blob.chunks) if blob is not None else 0):
-                job = self._queue.job((layer.digest, i))
-                if job is not None and job.priority == BACKGROUND and not job.running:
-                    self._queue.cancel(job.key)
-                    flight = state.flights.pop(i, None)
-                    if flight is not None:
-                        flight.done.set()
+                self.engine.call_off(layer.digest, i)
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -495,15 +469,41 @@ class Materializer:
                 state.url = plan.url
             return state.url
 
-    # -- fetching ---------------------------------------------------------------------------
+    # -- fetching: what the engine asks its requester (fetcher/engine.py) -------------------
 
     def _want(self, state: _BlobState, blob: PartialBlob, i: int, priority: int) -> None:
         """Make sure chunk `i` is on its way, at least at `priority`."""
-        if blob.ready(i):
-            return
-        if i not in state.flights:
-            state.flights[i] = _Flight()
-        self._queue.push((state.layer.digest, i), priority, (state, i))
+        if not blob.ready(i):
+            self.engine.want(self, state.layer.digest, i, priority)
+
+    async def source(self, digest: str) -> ChunkSource:
+        return OriginSource(self._client, await self._url(self._states[digest]))
+
+    def defer(self, digest: str, i: int, priority: int) -> bool:
+        """A background chunk too far ahead of a busy reader waits (`_pace` wants it again)."""
+        state = self._states[digest]
+        if priority != BACKGROUND or not self._too_far_ahead(state, i):
+            return False
+        state.deferred.add(i)
+        if not state.pacing:
+            state.pacing = True
+            self._nursery.start_soon(self._pace, state)
+        return True
+
+    def fetched(self, blob: PartialBlob, i: int, buf: ChunkBuffer, priority: int) -> None:
+        """Keep a chunk's bytes in memory when a reader is about to want them (the job was
+        promoted to the window or a demand meanwhile); background chunks would only push
+        those out. Only when verified on its own: a chunk of a blob without chunk digests is
+        not servable before the seal (invariant 1), wherever it would be kept."""
+        state = self._states[blob.digest]
+        if (priority <= WINDOW or self._near_reader(state, i)) and blob.has_chunk_digests \
+                and self._blob(state) is blob:
+            self._keep(memory_key(blob, i), buf, publish=True)
+
+    def recorded(self, blob: PartialBlob, i: int, error: Exception | None) -> None:
+        state = self._states[blob.digest]
+        if error is None and blob.complete and self._blob(state) is blob:
+            self._seal_soon(state, blob)
 
     def _ahead_of_reader(self, state: _BlobState, i: int) -> int | None:
         """How far chunk `i` starts ahead of where its blob is being read right now; None
@@ -525,25 +525,9 @@ class Materializer:
         ahead = self._ahead_of_reader(state, i)
         return ahead is not None and ahead >= self._lead
 
-    async def _worker(self) -> None:
-        while True:
-            job = await self._queue.get()
-            state, i = job.payload
-            if job.priority == BACKGROUND and self._too_far_ahead(state, i):
-                self._queue.done(job)
-                state.deferred.add(i)
-                if not state.pacing:
-                    state.pacing = True
-                    self._nursery.start_soon(self._pace, state)
-                continue
-            try:
-                await self._run(state, i, job)
-            finally:
-                self._queue.done(job)
-
     async def _pace(self, state: _BlobState) -> None:
         """Queue the deferred background chunks again as the reader comes closer (or pauses);
-        drop them if the background was called off. One task per blob, a few times a second."""
+        call them off if the background was. One task per blob, a few times a second."""
         try:
             while state.deferred:
                 await trio.sleep(self._readers.quiet / 10)
@@ -556,73 +540,10 @@ class Materializer:
                         continue
                     if state.background:
                         self._want(state, blob, i, BACKGROUND)
-                    elif self._queue.job((state.layer.digest, i)) is None:
-                        flight = state.flights.pop(i, None)  # nobody waits on it any more
-                        if flight is not None:
-                            flight.done.set()
+                    else:
+                        self.engine.call_off(state.layer.digest, i)  # nobody waits on it
         finally:
             state.pacing = False
-
-    async def _run(self, state: _BlobState, i: int, job) -> None:
-        """Fetch chunk `i`; keep its bytes in memory when a reader is about to want them
-        (the job was promoted to the window or a demand meanwhile); background chunks would
-        only push those out."""
-        flight = state.flights.setdefault(i, _Flight())
-        blob = self._blob(state)
-        try:
-            if blob is None:
-                raise BlobReset(f"blob {state.layer.digest[:19]} was reset while being read")
-            length = blob.chunks[i].length
-            await self.budget.acquire(length)
-            try:
-                url = await self._url(state)
-                blob = self._blob(state)
-                if blob is None:  # sealed or dropped while we asked for the URL
-                    raise BlobReset(f"blob {state.layer.digest[:19]} was reset while being read")
-                data = None
-                if not blob.ready(i):
-                    self.fetches += 1
-                    self._fetching.add(flight)
-                    data = await fetch_chunk(OriginSource(self._client, url), blob, i,
-                                             self._client.config.retry, flight.attempt)
-                    # Kept for readers (and pushed into the kernel's page cache) only when
-                    # verified on its own: a chunk of a blob without chunk digests is not
-                    # servable before the seal (invariant 1), wherever it would be kept.
-                    if (job.priority <= WINDOW or self._near_reader(state, i)) and \
-                            blob.has_chunk_digests and self._blob(state) is blob:
-                        self._keep(memory_key(blob, i), data, publish=True)
-                    blob.release_buffer(data)
-            finally:
-                self.budget.release(length)
-            if state.flights.get(i) is flight:
-                del state.flights[i]
-            flight.done.set()  # verified (written behind): readers may go on
-            # durable in batches, without holding up this worker
-            self._nursery.start_soon(self._commit, state, blob, i)
-        except Exception as exc:  # handed to the readers waiting on this flight
-            flight.error = exc
-            log.warning("fetching chunk %d of %s failed: %s", i, state.layer.digest[:19], exc)
-        finally:
-            if flight in self._fetching:
-                self._fetching.discard(flight)
-                self._received += flight.received()
-            if state.flights.get(i) is flight:
-                del state.flights[i]
-            flight.done.set()
-
-    def _progress(self, flight: _Flight) -> tuple:
-        """A reader's mark of progress (fetcher/deadline.py) while it waits for `flight`: its
-        bytes received once it is being fetched; before that, while it waits its turn, the
-        bytes received by every fetch (as they move, its turn comes)."""
-        if flight in self._fetching or flight.receiver is not None:
-            return id(flight), flight.received()
-        return id(flight), "queued", self._received + sum(f.received() for f in self._fetching)
-
-    async def _wait_flight(self, flight: _Flight, deadline: ProgressDeadline | None) -> None:
-        if deadline is None:
-            await flight.done.wait()
-        else:
-            await deadline.wait(flight.done, lambda: self._progress(flight))
 
     def _keep(self, key: tuple[str, int, int], buf: ChunkBuffer, publish: bool) -> None:
         """Keep `buf` (the bytes of memory-cache `key`) for the readers about to want it,
@@ -639,15 +560,6 @@ class Materializer:
         finally:
             self._cache.pool.release(buf)
 
-    async def _commit(self, state: _BlobState, blob: PartialBlob, i: int) -> None:
-        try:
-            await blob.commit_chunk(i)
-        except Exception as exc:
-            log.warning("recording chunk %d of %s failed: %s", i, state.layer.digest[:19], exc)
-            return
-        if blob.complete and self._blob(state) is blob:
-            self._seal_soon(state, blob)
-
     async def _wait_chunk(self, state: _BlobState, i: int,
                           deadline: ProgressDeadline | None) -> None:
         while True:
@@ -656,12 +568,12 @@ class Materializer:
                 raise BlobReset(f"blob {state.layer.digest[:19]} was reset while being read")
             if blob.ready(i):
                 return
-            flight = state.flights.get(i)
+            # (queued, or promoted to a demand if it waits at a lower priority)
+            flight = self.engine.want(self, state.layer.digest, i, DEMAND)
             if flight is None:
-                self._want(state, blob, i, DEMAND)
+                await trio.sleep(0)  # nothing to fetch any more: look again
                 continue
-            self._queue.push((state.layer.digest, i), DEMAND, (state, i))  # promote
-            await self._wait_flight(flight, deadline)
+            await self.engine.wait(flight, deadline)
             current = self._blob(state)
             if current is None:  # sealed or dropped meanwhile: the read starts over
                 raise BlobReset(f"blob {state.layer.digest[:19]} was reset while being read")

@@ -25,6 +25,7 @@ from modelfs.cache.errors import ModelfsError
 from modelfs.cache.readers import ReaderActivity
 from modelfs.cache.units import FETCH_UNIT
 from modelfs.fetcher.client import ClientConfig, RegistryClient
+from modelfs.fetcher.engine import FetchEngine
 from modelfs.fetcher.groups import first_error
 from modelfs.fetcher.materializer import Materializer
 from modelfs.fetcher.names import Registry, parse_name
@@ -273,8 +274,9 @@ async def _serve(opts, cache, client, nursery, ready, state) -> None:
                     cache.is_sealed(b.digest, b.size) for b in layers):
                 nursery.start_soon(_quietly, complete, name, manifest)
 
-    materializer = Materializer(client, cache, nursery, workers=opts.max_fetches,
-                                max_inflight=opts.max_inflight,
+    engine = FetchEngine(cache, nursery, retry=client.config.retry, workers=opts.max_fetches,
+                         max_inflight=opts.max_inflight)
+    materializer = Materializer(client, cache, nursery, engine=engine,
                                 background=opts.prefetch == "auto", on_sealed=on_sealed,
                                 publish=KernelPageCache(tree).store)
     config = PrefetchConfig()
@@ -311,8 +313,8 @@ async def _serve(opts, cache, client, nursery, ready, state) -> None:
         nursery.cancel_scope.cancel()
         state["close"] = materializer.close  # once the nursery's threads are done
         log.info("served: %d chunk fetches, %d chunks read back, peak %d bytes in flight, "
-                 "%d bytes evicted, %d chunk buffers made", materializer.fetches,
-                 materializer.loads, materializer.budget.peak, cache.budget.evicted_bytes,
+                 "%d bytes evicted, %d chunk buffers made", engine.fetches,
+                 materializer.loads, engine.budget.peak, cache.budget.evicted_bytes,
                  cache.pool.created)
 
 

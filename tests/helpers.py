@@ -3,7 +3,9 @@ it, importing a model into a models dir, free ports, and stopping processes we s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import pathlib
 import socket
 import subprocess
 import sys
@@ -18,6 +20,23 @@ def sha256_file(path) -> str:
         while piece := f.read(1 << 20):
             h.update(piece)
     return "sha256:" + h.hexdigest()
+
+
+@contextlib.contextmanager
+def small_filesystem(path: pathlib.Path, size: str):
+    """A tmpfs of `size` (e.g. "32m") mounted on `path` (made here) for the block, unmounted
+    after it whatever happens; skips the test where no tmpfs can be mounted."""
+    import pytest
+
+    path.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                       capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
 def modelfs(*args, timeout: float = 120, **kw) -> subprocess.CompletedProcess:

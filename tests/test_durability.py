@@ -19,7 +19,7 @@ import trio
 from modelfs.cache.chunks import MAX_CHUNK_BYTES
 from modelfs.cache.invariants import check_cache_dir
 
-from .helpers import MODELFS, import_model, sha256_file
+from .helpers import MODELFS, import_model, sha256_file, small_filesystem
 from .mounting import Mount, fuse_available
 
 pytestmark = fuse_available
@@ -298,12 +298,6 @@ def test_min_free_keeps_the_filesystem_free(tmp_path):
     source, server, m = _serve_and_mount(tmp_path, 40 << 20, "--prefetch", "sequential",
                                          "--min-free", "12M", "--max-inflight", "4M",
                                          chunk="1M")
-    small = tmp_path / "small"
-    small.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(small)],
-                       capture_output=True, text=True)
-    if r.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
     lowest = []
     stop = threading.Event()
 
@@ -314,20 +308,23 @@ def test_min_free_keeps_the_filesystem_free(tmp_path):
             time.sleep(0.01)
 
     try:
-        m.cache = small / "cache"
-        m.start()
-        thread = threading.Thread(target=sampler)
-        thread.start()
-        try:
-            assert sha256_file(m.path / "m:1" / "model.gguf") == sha256_file(source)
-        finally:
-            stop.set()
-            thread.join()
-        # 12 MiB kept free, give or take the chunks in flight (4 MiB) and the index's pages
-        assert min(lowest) >= (12 << 20) - 5 * (1 << 20), min(lowest) / 2**20
+        with small_filesystem(tmp_path / "small", "32m") as small:
+            try:
+                m.cache = small / "cache"
+                m.start()
+                thread = threading.Thread(target=sampler)
+                thread.start()
+                try:
+                    assert sha256_file(m.path / "m:1" / "model.gguf") == sha256_file(source)
+                finally:
+                    stop.set()
+                    thread.join()
+                # 12 MiB kept free, give or take the chunks in flight (4 MiB) and the index's
+                # pages
+                assert min(lowest) >= (12 << 20) - 5 * (1 << 20), min(lowest) / 2**20
+            finally:
+                m.cleanup()
     finally:
-        m.cleanup()
-        subprocess.run(["umount", "-l", str(small)], capture_output=True)
         server.stop()
 
 

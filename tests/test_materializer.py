@@ -70,7 +70,7 @@ async def test_a_read_through_a_flaky_edge_retries_inside_the_read(live_registry
                     assert await mat.read(reg.name("edgy"), layer, 0, layer.size) == data
                 nursery.cancel_scope.cancel()
         flaky.check_every_bad_answer_was_asked_again()
-        assert mat.fetches == len(flaky.asked())  # one fetch per chunk, retries inside it
+        assert mat.engine.fetches == len(flaky.asked())  # one fetch per chunk, retries inside it
     finally:
         cache.close()
 

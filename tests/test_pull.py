@@ -16,7 +16,7 @@ from modelfs.fetcher.pull import pull
 
 from . import faults as F
 from .conftest import FAST_RETRY, PER_CHUNK
-from .helpers import sha256_file
+from .helpers import sha256_file, small_filesystem
 from .landed import corrupt_a_landed_chunk, stopped_pull
 
 MiB = 1 << 20
@@ -404,3 +404,25 @@ async def test_chunks_larger_than_the_sealers_reach_do_not_wait_for_it(live_regi
     with trio.fail_after(20):
         await pull(reg.name("wide"), client, cache, chunk_size=256 << 10)
     assert sha256_file(cache.store.blob_path(imported.model.digest)) == imported.model.digest
+
+
+@pytest.mark.invariants(budget_exact=False)  # (a failed write is given back at the recount)
+async def test_pull_onto_a_full_disk_fails_with_the_write_error(live_registry, client, tmp_path):
+    """A pull whose chunks cannot be written (a cache on a filesystem smaller than the model)
+    fails with the disk's error, not a later symptom, writes no manifest, and records no chunk
+    whose bytes are not in the file."""
+    from modelfs.cache.blobcache import BlobCache
+    from modelfs.cache.errors import CacheFull
+
+    reg = await live_registry(chunk_size=256 << 10)
+    _, imported = reg.add_model("big", 4 * MiB)
+    with small_filesystem(tmp_path / "small", "1m") as small:
+        cache = BlobCache(small / "cache")
+        try:
+            with pytest.raises((CacheFull, OSError), match="room|space|full"):
+                with trio.fail_after(60):
+                    await pull(reg.name("big"), client, cache, chunk_size=256 << 10)
+            assert manifest_of(cache, reg.name("big")) is None
+            assert_cache_clean_of(cache, imported.model.digest)
+        finally:
+            cache.close()
