@@ -22,7 +22,7 @@ Concurrency contract (trio thread only; file I/O goes through the cache's thread
   their chunk buffers), so the stream of READs behind them is answered with slices of those
   buffers, without a disk read or a thread hop. The memory cache is larger than the widest
   window, or the chunks just ahead of a reader would be the first to go. A chunk read from
-  disk is read back whole, once (`_load`), and kept the same way.
+  disk is read back whole, once (`Keeper.load`, fetcher/memcache.py), and kept the same way.
 - Chunk lists come from the index when the blob was seen before (no network needed to read
   cached chunks); the registry is asked for the URL and list only when a chunk must be fetched.
 - When the last chunk lands, the blob is sealed once; a seal mismatch quarantines the blob:
@@ -33,21 +33,11 @@ Concurrency contract (trio thread only; file I/O goes through the cache's thread
   thread, and at unmount a seal in progress is given time to finish.
 - Blobs the registry gives no chunk digests for are fetched whole and sealed before any byte
   is served.
-- Sealed blobs are read with direct I/O (cache/sealedfile.py), never through the cache file's
-  page cache: the mount's own page cache holds the bytes once. A reader in sequence gets
-  slices of SEALED_STRETCH stretches kept in the memory cache; tasks of the mount's nursery
-  load the next ones (up to SEALED_LEAD ahead; one task per stretch, `_stretching`; at most
-  STRETCHES_AHEAD loading at once, so memory stays bounded whatever the number of readers)
-  and push them into the kernel's page cache, which then answers the reader itself (so a
-  stretch's chunks are marked as used when it is loaded). A read, and each task, pins the
-  blob: it is not unsealed (its file closed) under them. Measured on a 2 GiB warm read:
-  3.4–3.9 s before, 1.6–1.8 s after (`scripts/bench --cases 3`), with 1.8 instead of 4.5 CPU
-  seconds.
+- Sealed blobs are read by fetcher/sealedreads.py (direct I/O, stretches ahead of a reader).
 """
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import logging
 from typing import Awaitable, Callable
@@ -60,15 +50,15 @@ from modelfs.cache.chunks import DEFAULT_CHUNK_SIZE
 from modelfs.cache.errors import (CacheFull, LandedChunksBad, ModelfsError, SealInterrupted,
                                   SealMismatch)
 from modelfs.cache.partial import PartialBlob
-from modelfs.cache.sealedfile import SealedFile
 
 from .client import RegistryClient
 from .deadline import ProgressDeadline
 from .engine import BlobReset, FetchEngine
 from .manifest import Layer
-from .memcache import MemoryCache, memory_key
+from .memcache import Keeper, MemoryCache, memory_key
 from .names import ModelName
 from .scheduler import BACKGROUND, DEMAND, WINDOW
+from .sealedreads import SealedReads
 from .source import ChunkSource, OriginSource
 
 log = logging.getLogger(__name__)
@@ -79,11 +69,6 @@ WHOLE_UP_TO = 1 << 20
 # The sealer waits while a blob has been read from in the last this many seconds (but a
 # complete blob is sealed after SEAL_PATIENCE seconds whatever its readers do).
 SEAL_PATIENCE = 30.0
-# A sealed blob read in sequence is loaded in stretches of this size (direct I/O, kept in the
-# memory cache and pushed into the kernel's page cache), up to SEALED_LEAD bytes ahead.
-SEALED_STRETCH = 8 << 20
-SEALED_LEAD = 32 << 20
-STRETCHES_AHEAD = 2  # stretch loads ahead of readers at a time, all blobs together
 
 
 class Quarantined(ModelfsError):
@@ -106,17 +91,7 @@ class _BlobState:
     deferred: set[int] = dataclasses.field(default_factory=set)  # background, too far ahead
     pacing: bool = False  # a _pace task runs for `deferred`
     background: bool = False
-    sealed_starts: list[int] | None = None
-    stretches_end: int = 0  # end of the sealed stretches last asked for ahead of a reader
     served: bool = False  # a read of it was answered (its first miss went alone)
-
-
-def _stretch_starts(begin: int, end: int, size: int) -> range:
-    """Starts of the SEALED_STRETCH-aligned stretches under [begin, end) of a blob of `size`."""
-    end = min(end, size)
-    if end <= begin:
-        return range(0)
-    return range(begin - begin % SEALED_STRETCH, end, SEALED_STRETCH)
 
 
 class Materializer:
@@ -127,33 +102,35 @@ class Materializer:
                  publish: Callable[[str, int, ChunkBuffer], Awaitable[None]] | None = None,
                  engine: FetchEngine | None = None):
         """`engine`: the process's fetch engine (fetcher/engine.py); without one, the
-        materializer makes its own in `nursery`, of `workers` tasks and `max_inflight` bytes."""
+        materializer makes its own in `nursery`, of `workers` tasks and `max_inflight` bytes.
+        `publish`: called (as a task of the mount) with (blob digest, offset, chunk buffer)
+        for each chunk kept for a reader, the buffer held for the call (fs/pagecache.py
+        pushes it into the kernel's page cache)."""
         self._client, self._cache, self._nursery = client, cache, nursery
         self.engine = engine or FetchEngine(cache, nursery, retry=client.config.retry,
                                             workers=workers, max_inflight=max_inflight)
-        self._memory = MemoryCache(memory_cache, cache.pool)
+        self._keeper = Keeper(MemoryCache(memory_cache, cache.pool), cache.pool, nursery,
+                              publish)
+        self._sealed = SealedReads(cache, self._keeper, nursery)
         # how far ahead of a busy reader background chunks are fetched (and kept in memory)
         self._lead = max(memory_cache - 2 * chunk_size, chunk_size)
-        self._loading: dict[tuple, trio.Event] = {}  # chunks being read back (_load)
-        self._stretching: set[tuple] = set()  # sealed stretches with a task to load them
-        self._ahead_limiter = trio.CapacityLimiter(STRETCHES_AHEAD)
         self._chunk_size = chunk_size
         self._quarantine_seconds = quarantine_seconds
         self._background = background
         self._on_sealed = on_sealed or (lambda digest: None)
         self._states: dict[str, _BlobState] = {}
-        self.loads = 0  # chunks read back from the disk for readers (statistics)
-        # Called (as a task of the mount) with (blob digest, offset, chunk buffer) for each chunk
-        # kept for a reader; the buffer is held for the call (fs/pagecache.py pushes it into
-        # the kernel's page cache from a worker thread).
-        self._publish_to = publish
         self._budget = cache.budget
         if cache.readers is None:
             raise ValueError("a mount's cache records its readers: BlobCache(readers=...)")
         self._readers = cache.readers
 
+    @property
+    def loads(self) -> int:
+        """Chunks and stretches read back from the disk for readers (statistics)."""
+        return self._keeper.loads
+
     def close(self) -> None:
-        self._memory.clear()
+        self._keeper.memory.clear()
 
     def _blob(self, state: _BlobState) -> PartialBlob | None:
         """The blob's in-progress state, as the cache has it open now (the cache owns which
@@ -206,7 +183,7 @@ class Materializer:
                 raise Quarantined(f"blob {layer.digest[:19]} failed its seal recently; "
                                   f"not served until it is fetched again")
             if await self._cache.sealed_file(layer.digest, layer.size) is not None:
-                data = await self._read_sealed(state, offset, size, ahead)
+                data = await self._sealed.read(layer.digest, offset, size, ahead)
                 if data is not None:
                     return data
                 continue  # evicted from since: read it as a partial blob
@@ -273,12 +250,12 @@ class Materializer:
         for i in chunks:
             chunk = blob.chunks[i]
             lo, hi = max(offset, chunk.start), min(end, chunk.end)
-            data = self._memory.get(memory_key(blob, i))
+            data = self._keeper.get(memory_key(blob, i))
             if data is None and hi - lo < chunk.length:
                 # Part of a chunk: the reads behind this one want the rest of it, so it is
                 # read back whole, once (direct I/O), and kept (see _load).
-                data = await self._load(memory_key(blob, i), lambda: blob.load_chunk(i),
-                                        lambda: self._blob(state) is blob)
+                data = await self._keeper.load(memory_key(blob, i), lambda: blob.load_chunk(i),
+                                               lambda: self._blob(state) is blob)
             if data is not None:
                 piece = data.slice(lo - chunk.start, hi - chunk.start)
                 # A slice of a chunk buffer is valid while somebody holds the buffer: returned
@@ -288,136 +265,6 @@ class Materializer:
             else:
                 parts.append(await blob.read(lo, hi - lo))
         return parts[0] if len(parts) == 1 else b"".join(parts)
-
-    async def _load(self, key: tuple[str, int, int], load, still_wanted, publish=False):
-        """The bytes of memory-cache `key` from the disk (`await load()`, a buffer we
-        release), once however many reads want them; kept if `still_wanted()` after the load
-        (the blob was not reset meanwhile), and with `publish` also pushed into the kernel's
-        page cache. The kept buffer, or None when the memory cache could not keep it."""
-        while (loading := self._loading.get(key)) is not None:
-            await loading.wait()
-            data = self._memory.get(key)
-            if data is not None:
-                return data
-        self._loading[key] = done = trio.Event()
-        try:
-            self.loads += 1
-            buf = await load()
-            if still_wanted():
-                self._keep(key, buf, publish)
-            self._cache.pool.release(buf)
-            return self._memory.get(key)
-        finally:
-            del self._loading[key]
-            done.set()
-
-    async def _read_sealed(self, state: _BlobState, offset: int, size: int,
-                           ahead: tuple[int, int] | None) -> bytes | None:
-        """Bytes of a sealed blob, never through the cache file's page cache: a reader in
-        sequence gets slices of stretches loaded ahead of it (and pushed into the kernel's
-        page cache); any other read only the pages under it. None when it was unsealed."""
-        digest = state.layer.digest
-        self._budget.pin(digest)  # no chunk of it is evicted (and its file closed) meanwhile
-        try:
-            sealed = self._cache.open_sealed(digest)
-            if sealed is None:
-                return None
-            if self._in_sequence(state, offset, ahead):
-                data = await self._read_stretches(state, sealed, offset, size)
-                self._stretches_ahead(state, offset + size)
-            else:
-                data = await sealed.read(offset, size)
-            self._budget.touch(digest, self._sealed_chunks(state, offset, size))
-            return data
-        finally:
-            self._budget.unpin(digest)
-
-    def _in_sequence(self, state: _BlobState, offset: int, ahead) -> bool:
-        """Whether a read of a sealed blob continues a stream (its stretches are worth
-        loading). The cursor says so, or the read lands on the stretch just past the ones
-        loaded ahead: the kernel answered the reader from those pages itself, so its next READ
-        comes further on than the cursor would call sequential."""
-        if SEALED_STRETCH > self._memory.limit:
-            return False  # (stretches could not be kept)
-        if ahead is not None and ahead[1] > ahead[0]:
-            return True
-        end = state.stretches_end
-        return end > 0 and end - SEALED_LEAD - SEALED_STRETCH <= offset <= end + SEALED_STRETCH
-
-    def _stretches_ahead(self, state: _BlobState, pos: int) -> None:
-        """Load the stretches of [pos, pos + SEALED_LEAD) that are not in memory, in tasks of
-        the mount's nursery, one task per stretch."""
-        end = min(pos + SEALED_LEAD, state.layer.size)
-        for start in _stretch_starts(pos, end, state.layer.size):
-            key = self._stretch_key(state, start)
-            if self._memory.get(key) is None and key not in self._loading and \
-                    key not in self._stretching:
-                self._stretching.add(key)
-                self._nursery.start_soon(self._stretch_ahead, state, start, key)
-        state.stretches_end = end
-
-    @staticmethod
-    def _stretch_key(state: _BlobState, start: int) -> tuple[str, int, int]:
-        return state.layer.digest, start, min(SEALED_STRETCH, state.layer.size - start)
-
-    async def _stretch(self, state: _BlobState, sealed: SealedFile, start: int):
-        """The stretch of a sealed blob at `start`, loaded once and kept (or None)."""
-        key = self._stretch_key(state, start)
-        data = self._memory.get(key)
-        if data is None:
-            data = await self._load(key, lambda: sealed.load(start, key[2]),
-                                    lambda: self._cache.open_sealed(key[0]) is sealed,
-                                    publish=True)
-            # Its pages go to the kernel, which answers the reader without us from now on:
-            # the chunks under it are marked as used here (LRU eviction), not read by read.
-            self._budget.touch(state.layer.digest, self._sealed_chunks(state, start, key[2]))
-        return data
-
-    async def _read_stretches(self, state: _BlobState, sealed: SealedFile, offset: int,
-                              size: int) -> bytes:
-        end = offset + size  # (clamped at the end of the blob by read)
-        starts = list(_stretch_starts(offset, end, sealed.size))
-        parts = []
-        for start in starts:
-            data = await self._stretch(state, sealed, start)
-            lo, hi = max(offset, start), min(end, start + SEALED_STRETCH)
-            if data is None:  # the memory cache could not keep it
-                parts.append(await sealed.read(lo, hi - lo))
-            else:
-                # returned at once (no await before the FUSE reply), a slice is valid; kept
-                # across the next stretch's await it is copied (see _read_chunks)
-                piece = data.slice(lo - start, hi - start)
-                parts.append(piece if len(starts) == 1 else bytes(piece))
-        return parts[0] if len(parts) == 1 else b"".join(parts)
-
-    async def _stretch_ahead(self, state: _BlobState, start: int, key) -> None:
-        """One stretch ahead of a reader. At most STRETCHES_AHEAD load at a time, all blobs
-        together, and a task takes its buffer only once it may load: memory does not grow
-        with the number of readers."""
-        digest = state.layer.digest
-        self._budget.pin(digest)
-        try:
-            async with self._ahead_limiter:
-                sealed = self._cache.open_sealed(digest)
-                if sealed is not None:
-                    await self._stretch(state, sealed, start)
-        except Exception as exc:  # an optimisation: the reader reads it itself if it must
-            log.debug("loading %s at %d ahead of its reader failed: %s", digest[:19], start, exc)
-        finally:
-            self._stretching.discard(key)
-            self._budget.unpin(digest)
-
-    def _sealed_chunks(self, state: _BlobState, offset: int, size: int) -> range:
-        """Chunk indexes under a read of a sealed blob (for recency), from the index once."""
-        if state.sealed_starts is None:
-            stored = self._cache.index.load(state.layer.digest)
-            state.sealed_starts = [c.start for c in stored[1]] if stored else []
-        starts = state.sealed_starts
-        if not starts:
-            return range(0)
-        first = bisect.bisect_right(starts, offset) - 1
-        last = bisect.bisect_right(starts, offset + size - 1) - 1
-        return range(max(first, 0), last + 1)
 
     def _readers_active(self, state: _BlobState) -> bool:
         """Whether the seal should wait: it would take the CPU the readers of this blob
@@ -498,7 +345,7 @@ class Materializer:
         state = self._states[blob.digest]
         if (priority <= WINDOW or self._near_reader(state, i)) and blob.has_chunk_digests \
                 and self._blob(state) is blob:
-            self._keep(memory_key(blob, i), buf, publish=True)
+            self._keeper.keep(memory_key(blob, i), buf, publish=True)
 
     def recorded(self, blob: PartialBlob, i: int, error: Exception | None) -> None:
         state = self._states[blob.digest]
@@ -544,21 +391,6 @@ class Materializer:
                         self.engine.call_off(state.layer.digest, i)  # nobody waits on it
         finally:
             state.pacing = False
-
-    def _keep(self, key: tuple[str, int, int], buf: ChunkBuffer, publish: bool) -> None:
-        """Keep `buf` (the bytes of memory-cache `key`) for the readers about to want it,
-        and with `publish` also push it into the kernel's page cache (`_publish_to`)."""
-        self._memory.put(key, buf)
-        if publish and self._publish_to is not None:
-            self._nursery.start_soon(self._publish, key[0], key[1], self._cache.pool.hold(buf))
-
-    async def _publish(self, digest: str, start: int, buf: ChunkBuffer) -> None:
-        try:
-            await self._publish_to(digest, start, buf)
-        except Exception as exc:  # an optimisation: readers get the bytes anyway
-            log.debug("publishing %s at %d failed: %s", digest[:19], start, exc)
-        finally:
-            self._cache.pool.release(buf)
 
     async def _wait_chunk(self, state: _BlobState, i: int,
                           deadline: ProgressDeadline | None) -> None:
@@ -626,7 +458,7 @@ class Materializer:
                     trio.current_time() < patience:
                 await trio.sleep(self._readers.quiet)
             await blob.seal()
-            self._memory.drop(state.layer.digest)  # read from blobs/ from now on
+            self._keeper.memory.drop(state.layer.digest)  # read from blobs/ from now on
             self._on_sealed(state.layer.digest)
         except (LandedChunksBad, SealInterrupted) as exc:
             # chunks a stopped pull left unchecked were corrupt (dropped, fetched when wanted),
@@ -639,7 +471,7 @@ class Materializer:
             self._cache.drop(blob)
             state.url = None
             state.quarantined_until = trio.current_time() + self._quarantine_seconds
-            self._memory.drop(state.layer.digest)
+            self._keeper.memory.drop(state.layer.digest)
         except Exception as exc:
             state.seal_error = exc
             log.exception("sealing %s failed", state.layer.digest[:19])

@@ -1,5 +1,5 @@
-"""Chunk buffers kept in memory for the readers about to want them: the materializer's
-memory cache, bounded in bytes.
+"""Chunk buffers kept in memory for the readers about to want them: the mount's memory
+cache, bounded in bytes, and the `Keeper` that fills it.
 
 Concurrency contract: trio thread only. The cache holds a ref on each buffer it keeps
 (cache/chunkbuf.py) and gives it back when it drops one; a reader that is handed a buffer
@@ -9,9 +9,14 @@ from `get` uses it in the same trio step or takes a ref of its own.
 from __future__ import annotations
 
 import collections
+import logging
+
+import trio
 
 from modelfs.cache.chunkbuf import BufferPool, ChunkBuffer
 from modelfs.cache.partial import PartialBlob
+
+log = logging.getLogger(__name__)
 
 
 def memory_key(blob: PartialBlob, i: int) -> tuple[str, int, int]:
@@ -55,3 +60,63 @@ class MemoryCache:
     def clear(self) -> None:
         while self._items:
             self._let_go(self._items.popitem()[1])
+
+
+class Keeper:
+    """What the mount keeps in memory for its readers: a `MemoryCache` of chunk buffers,
+    filled from fetches (`keep`) or read back from the disk once however many reads want the
+    same bytes (`load`), and optionally pushed into the kernel's page cache as they are kept
+    (`publish`, called as a task of `nursery` with (blob digest, offset, buffer); the buffer
+    is held for the call: fs/pagecache.py copies it from a worker thread).
+
+    Concurrency contract: trio thread only; the pushes are tasks of the mount's nursery, each
+    holding a ref on its buffer until it returns."""
+
+    def __init__(self, memory: MemoryCache, pool: BufferPool, nursery, publish=None):
+        self.memory, self._pool, self._nursery = memory, pool, nursery
+        self._publish_to = publish
+        self._loading: dict[tuple, trio.Event] = {}  # keys being read back
+        self.loads = 0  # loads from the disk (statistics)
+
+    def get(self, key):
+        return self.memory.get(key)
+
+    def loading(self, key) -> bool:
+        return key in self._loading
+
+    def keep(self, key: tuple[str, int, int], buf: ChunkBuffer, publish: bool) -> None:
+        """Keep `buf` (the bytes of `key`) for the readers about to want it; with `publish`
+        also push it into the kernel's page cache."""
+        self.memory.put(key, buf)
+        if publish and self._publish_to is not None:
+            self._nursery.start_soon(self._publish, key[0], key[1], self._pool.hold(buf))
+
+    async def _publish(self, digest: str, start: int, buf: ChunkBuffer) -> None:
+        try:
+            await self._publish_to(digest, start, buf)
+        except Exception as exc:  # an optimisation: readers get the bytes anyway
+            log.debug("publishing %s at %d failed: %s", digest[:19], start, exc)
+        finally:
+            self._pool.release(buf)
+
+    async def load(self, key: tuple[str, int, int], load, still_wanted, publish=False):
+        """The bytes of `key` from the disk (`await load()`, a buffer we release), once
+        however many reads want them; kept if `still_wanted()` after the load (the blob was
+        not reset meanwhile). The kept buffer, or None when the memory cache could not keep
+        it."""
+        while (loading := self._loading.get(key)) is not None:
+            await loading.wait()
+            data = self.memory.get(key)
+            if data is not None:
+                return data
+        self._loading[key] = done = trio.Event()
+        try:
+            self.loads += 1
+            buf = await load()
+            if still_wanted():
+                self.keep(key, buf, publish)
+            self._pool.release(buf)
+            return self.memory.get(key)
+        finally:
+            del self._loading[key]
+            done.set()
