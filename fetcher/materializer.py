@@ -25,12 +25,8 @@ Concurrency contract (trio thread only; file I/O goes through the cache's thread
   disk is read back whole, once (`Keeper.load`, fetcher/memcache.py), and kept the same way.
 - Chunk lists come from the index when the blob was seen before (no network needed to read
   cached chunks); the registry is asked for the URL and list only when a chunk must be fetched.
-- When the last chunk lands, the blob is sealed once; a seal mismatch quarantines the blob:
-  reads fail for `quarantine_seconds`, then it is fetched again from scratch. The whole-blob
-  hash waits while the blob is being read (`_readers_active`): on a cold sequential read it
-  took the CPU the reader waited for (measured: a 2 GiB cold read 4.9 s instead of 5.5 s,
-  alternating runs). It catches up when the readers pause, in the cache's low-priority
-  thread, and at unmount a seal in progress is given time to finish.
+- When the last chunk is recorded, the blob is sealed once (fetcher/seals.py: when, and what
+  a failure means; a seal mismatch quarantines the blob for `quarantine_seconds`).
 - Blobs the registry gives no chunk digests for are fetched whole and sealed before any byte
   is served.
 - Sealed blobs are read by fetcher/sealedreads.py (direct I/O, stretches ahead of a reader).
@@ -47,8 +43,7 @@ import trio
 from modelfs.cache.blobcache import BlobCache
 from modelfs.cache.chunkbuf import ChunkBuffer
 from modelfs.cache.chunks import DEFAULT_CHUNK_SIZE
-from modelfs.cache.errors import (CacheFull, LandedChunksBad, ModelfsError, SealInterrupted,
-                                  SealMismatch)
+from modelfs.cache.errors import CacheFull
 from modelfs.cache.partial import PartialBlob
 
 from .client import RegistryClient
@@ -59,6 +54,7 @@ from .memcache import Keeper, MemoryCache, memory_key
 from .names import ModelName
 from .scheduler import BACKGROUND, DEMAND, WINDOW
 from .sealedreads import SealedReads
+from .seals import BlobSeals, Quarantined
 from .source import ChunkSource, OriginSource
 
 log = logging.getLogger(__name__)
@@ -66,16 +62,9 @@ log = logging.getLogger(__name__)
 # Layers up to this size (templates, params, licenses) are fetched whole on first read; larger
 # ones by the registry's chunks, so a read touches only the chunks under it.
 WHOLE_UP_TO = 1 << 20
-# The sealer waits while a blob has been read from in the last this many seconds (but a
-# complete blob is sealed after SEAL_PATIENCE seconds whatever its readers do).
-SEAL_PATIENCE = 30.0
 
 
-class Quarantined(ModelfsError):
-    """A blob whose seal failed recently; not served until it is fetched again."""
-
-
-__all__ = ["BlobReset", "Materializer", "Quarantined"]
+__all__ = ["BlobReset", "Materializer", "Quarantined"]  # (what fs/ catches)
 
 
 @dataclasses.dataclass
@@ -84,9 +73,6 @@ class _BlobState:
     layer: Layer
     url: str | None = None
     plan_lock: trio.Lock = dataclasses.field(default_factory=trio.Lock)
-    sealing: tuple[PartialBlob, trio.Event] | None = None  # the seal of that blob object
-    quarantined_until: float = 0.0
-    seal_error: BaseException | None = None
     open_handles: int = 0
     deferred: set[int] = dataclasses.field(default_factory=set)  # background, too far ahead
     pacing: bool = False  # a _pace task runs for `deferred`
@@ -112,12 +98,12 @@ class Materializer:
         self._keeper = Keeper(MemoryCache(memory_cache, cache.pool), cache.pool, nursery,
                               publish)
         self._sealed = SealedReads(cache, self._keeper, nursery)
+        self._seals = BlobSeals(cache, nursery, self._keeper.memory,
+                                quarantine_seconds=quarantine_seconds, on_sealed=on_sealed)
         # how far ahead of a busy reader background chunks are fetched (and kept in memory)
         self._lead = max(memory_cache - 2 * chunk_size, chunk_size)
         self._chunk_size = chunk_size
-        self._quarantine_seconds = quarantine_seconds
         self._background = background
-        self._on_sealed = on_sealed or (lambda digest: None)
         self._states: dict[str, _BlobState] = {}
         self._budget = cache.budget
         if cache.readers is None:
@@ -179,9 +165,7 @@ class Materializer:
         state = self._state(name, layer)
         self._readers.read(layer.digest, offset)
         while True:
-            if state.quarantined_until > trio.current_time():
-                raise Quarantined(f"blob {layer.digest[:19]} failed its seal recently; "
-                                  f"not served until it is fetched again")
+            self._seals.check(layer.digest)
             if await self._cache.sealed_file(layer.digest, layer.size) is not None:
                 data = await self._sealed.read(layer.digest, offset, size, ahead)
                 if data is not None:
@@ -221,6 +205,8 @@ class Materializer:
             if first:
                 self._want_ahead(state, blob, None, whole)
             if self._blob(state) is blob and blob.all_ready(chunks):
+                if blob.complete:  # (a seal that failed for no fault of the blob's: again)
+                    self._seals.soon(blob)
                 self._budget.touch(blob.digest, chunks)
                 return await self._read_chunks(state, blob, chunks, offset, size)
         finally:
@@ -266,19 +252,9 @@ class Materializer:
                 parts.append(await blob.read(lo, hi - lo))
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def _readers_active(self, state: _BlobState) -> bool:
-        """Whether the seal should wait: it would take the CPU the readers of this blob
-        need right now (cache/readers.py). It catches up when they pause, or all at once when
-        the blob is complete (in the cache's low-priority thread; an engine that has loaded
-        the model computes at full priority meanwhile)."""
-        return self._readers.active(state.layer.digest)
-
     async def finish_seals(self) -> None:
-        """Wait for the seals in progress (at unmount, so complete blobs are not left to be
-        read back and hashed again by the next mount)."""
-        for state in list(self._states.values()):
-            if state.sealing is not None:
-                await state.sealing[1].wait()
+        """Wait for the seals in progress (at unmount)."""
+        await self._seals.finish()
 
     async def _partial(self, state: _BlobState) -> PartialBlob:
         blob = self._blob(state)
@@ -295,7 +271,7 @@ class Materializer:
                     blob = self._cache.open_partial(layer.digest, layer.size, plan.chunks)
                     state.url = plan.url
                 if blob.complete and not blob.sealed:
-                    self._seal_soon(state, blob)  # complete, but not sealed before a restart
+                    self._seals.soon(blob)  # complete, but not sealed before a restart
             return blob
 
     async def _url(self, state: _BlobState) -> str:
@@ -350,7 +326,7 @@ class Materializer:
     def recorded(self, blob: PartialBlob, i: int, error: Exception | None) -> None:
         state = self._states[blob.digest]
         if error is None and blob.complete and self._blob(state) is blob:
-            self._seal_soon(state, blob)
+            self._seals.soon(blob)
 
     def _ahead_of_reader(self, state: _BlobState, i: int) -> int | None:
         """How far chunk `i` starts ahead of where its blob is being read right now; None
@@ -428,7 +404,7 @@ class Materializer:
                 await self._wait_chunk(state, i, deadline)
             for i in range(len(blob.chunks)):  # durable and recorded (idempotent)
                 await blob.commit_chunk(i)
-            sealed = self._seal_soon(state, blob)  # pinned until sealed
+            sealed = self._seals.soon(blob)  # pinned until sealed
             if deadline is None:
                 await sealed.wait()
             else:
@@ -436,46 +412,5 @@ class Materializer:
         finally:
             self._budget.unpin(blob.digest)
         if not blob.sealed:
-            raise state.seal_error or BlobReset(f"blob {state.layer.digest[:19]} could not be sealed")
-
-    def _seal_soon(self, state: _BlobState, blob: PartialBlob) -> trio.Event:
-        """One seal of `blob` at a time; a new one for a blob that is complete again (a
-        sealed blob the cache unsealed to evict from it is the same object, unsealed)."""
-        sealing = state.sealing
-        if sealing is None or sealing[0] is not blob or (sealing[1].is_set() and
-                                                         not blob.sealed):
-            sealing = state.sealing = blob, trio.Event()
-            state.seal_error = None
-            self._nursery.start_soon(self._seal, state, blob, sealing[1])
-        return sealing[1]
-
-    async def _seal(self, state: _BlobState, blob: PartialBlob, done: trio.Event) -> None:
-        try:
-            # The readers first (see _readers_active), unless they wait for this very seal (a
-            # blob without chunk digests is served only once sealed), and not for ever.
-            patience = trio.current_time() + SEAL_PATIENCE
-            while blob.has_chunk_digests and self._readers_active(state) and \
-                    trio.current_time() < patience:
-                await trio.sleep(self._readers.quiet)
-            await blob.seal()
-            self._keeper.memory.drop(state.layer.digest)  # read from blobs/ from now on
-            self._on_sealed(state.layer.digest)
-        except (LandedChunksBad, SealInterrupted) as exc:
-            # chunks a stopped pull left unchecked were corrupt (dropped, fetched when wanted),
-            # or a reader dropped one meanwhile: sealed when complete again
-            state.seal_error = exc
-            log.warning("sealing %s: %s", state.layer.digest[:19], exc)
-        except SealMismatch as exc:
-            # The chunk list lied: distrust it, refuse reads for a while, then start over.
-            state.seal_error = exc
-            self._cache.drop(blob)
-            state.url = None
-            state.quarantined_until = trio.current_time() + self._quarantine_seconds
-            self._keeper.memory.drop(state.layer.digest)
-        except Exception as exc:
-            state.seal_error = exc
-            log.exception("sealing %s failed", state.layer.digest[:19])
-        finally:
-            if not blob.sealed and state.sealing is not None and state.sealing[1] is done:
-                state.sealing = None  # a later completion may try again
-            done.set()
+            raise self._seals.error(blob.digest) or \
+                BlobReset(f"blob {blob.digest[:19]} could not be sealed")

@@ -58,7 +58,7 @@ class _Seal:
 class _Failures:
     quarantined_until: float = 0.0
     retry_at: float = 0.0  # after an error of another kind
-    backoff: float = RETRY_FIRST
+    backoff: float = 0.0  # of the last retry (0: none yet)
 
 
 class BlobSeals:
@@ -133,9 +133,9 @@ class BlobSeals:
         except Exception as exc:
             seal.error = exc
             failures = self._failures.setdefault(digest, _Failures())
+            failures.backoff = min(failures.backoff * 2, RETRY_MAX) or RETRY_FIRST
             failures.retry_at = trio.current_time() + failures.backoff
-            log.exception("sealing %s failed; trying again in %.0f s", digest[:19],
+            log.exception("sealing %s failed; tried again on a read after %.1f s", digest[:19],
                           failures.backoff)
-            failures.backoff = min(failures.backoff * 2, RETRY_MAX)
         finally:
             seal.done.set()

@@ -12,6 +12,7 @@ from modelfs.fetcher.materializer import Materializer
 
 from . import faults as F
 from .conftest import FAST_RETRY, PER_CHUNK
+from .helpers import sha256_file
 
 
 # A damaged range on purpose: the failed seal discards the blob without telling the budget
@@ -42,6 +43,47 @@ async def test_blob_that_failed_its_seal_is_fetched_again_and_served(live_regist
                 data = await mat.read(name, layer, 1 << 20, 8192)
                 assert data == source.read_bytes()[1 << 20:(1 << 20) + 8192]
                 assert cache.is_sealed(layer.digest, layer.size)
+                nursery.cancel_scope.cancel()
+    finally:
+        cache.close()
+
+
+async def test_a_seal_that_failed_on_io_is_tried_again(live_registry, tmp_path, monkeypatch):
+    """A complete blob whose seal fails for no fault of its own (an I/O error) is not left
+    unsealed for the mount's life: reads go on from the partial blob meanwhile, and a read
+    after the backoff seals it."""
+    from modelfs.cache.partial import PartialBlob
+    from modelfs.fetcher import seals as S
+
+    monkeypatch.setattr(S, "RETRY_FIRST", 0.2)
+    real_seal, failures = PartialBlob.seal, []
+
+    async def seal_failing_once(self):
+        if not failures:
+            failures.append(self.digest)
+            raise OSError(5, "Input/output error")
+        return await real_seal(self)
+
+    monkeypatch.setattr(PartialBlob, "seal", seal_failing_once)
+    reg = await live_registry(chunk_size=64 << 10)
+    source, imported = reg.add_model("sturdy", 2 << 20)
+    layer, data = imported.model, source.read_bytes()
+    cache = BlobCache(tmp_path / "cache", sync_interval=0.01, readers=ReaderActivity(quiet=0.05))
+    try:
+        async with RegistryClient(ClientConfig(retry=FAST_RETRY)) as client:
+            async with trio.open_nursery() as nursery:
+                mat = Materializer(client, cache, nursery, background=False)
+                name = reg.name("sturdy")
+                with trio.fail_after(20):
+                    assert await mat.read(name, layer, 0, layer.size) == data
+                    while not failures:
+                        await trio.sleep(0.02)
+                    await trio.sleep(0.3)  # (past the backoff)
+                    assert not cache.is_sealed(layer.digest, layer.size)
+                    assert await mat.read(name, layer, 0, 4096) == data[:4096]
+                    while not cache.is_sealed(layer.digest, layer.size):
+                        await trio.sleep(0.02)
+                assert sha256_file(cache.store.blob_path(layer.digest)) == layer.digest
                 nursery.cancel_scope.cancel()
     finally:
         cache.close()
