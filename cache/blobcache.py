@@ -307,6 +307,15 @@ class BlobCache:
         if sealed is not None:
             sealed.close()
 
+    def verified_bytes(self, digest: str, size: int) -> int:
+        """Bytes of this blob verified (servable): a sealed blob's all, an open one's
+        verified chunks; for a blob not open, what the index calls present (a landed chunk
+        there is checked on its first read)."""
+        blob = self.current(digest)
+        if blob is None:
+            return self.cached_bytes(digest, size)
+        return sum(c.length for i, c in enumerate(blob.chunks) if blob.ready(i))
+
     def cached_bytes(self, digest: str, size: int) -> int:
         """Bytes of this blob present on local disk (sealed: all of them)."""
         if self.is_sealed(digest, size):

@@ -1,4 +1,5 @@
-"""Who is reading which blob right now: when each blob was last read, and where.
+"""Who is reading which blob right now: when each blob was last read, and where (and how much
+was asked for in all, for `modelfs status`).
 
 One owner for a fact that two parts of a mount need. The sealer of a blob waits while its
 readers are being served: its whole-blob hash would take the CPU they need (a 2 GiB cold read
@@ -22,10 +23,17 @@ class ReaderActivity:
     def __init__(self, quiet: float = READERS_QUIET):
         self.quiet = quiet
         self._last: dict[str, tuple[float, int]] = {}  # digest -> (trio time, offset)
+        self._served: dict[str, int] = {}  # digest -> bytes readers asked for, all reads
 
-    def read(self, digest: str, offset: int) -> None:
-        """A reader asked for `digest` at `offset` just now."""
+    def read(self, digest: str, offset: int, size: int = 0) -> None:
+        """A reader asked for `size` bytes of `digest` at `offset` just now."""
         self._last[digest] = (trio.current_time(), offset)
+        self._served[digest] = self._served.get(digest, 0) + size
+
+    def served(self, digest: str) -> int:
+        """Bytes of `digest` readers asked the mount for (reads the kernel answered from its
+        page cache, or from pages pushed into it, never reach us)."""
+        return self._served.get(digest, 0)
 
     def active(self, digest: str) -> bool:
         return self.position(digest) is not None

@@ -46,6 +46,7 @@ from .fetch import fetch_chunk
 from .retry import RetryPolicy
 from .scheduler import BACKGROUND, ByteBudget, FetchQueue
 from .source import ChunkSource
+from .stats import FetchStats, source_label
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,7 @@ class FetchEngine:
         self._fetching: set[Flight] = set()  # flights whose chunk is being received
         self._received = 0  # bytes received by the flights that ended (progress marks)
         self.fetches = 0  # chunk fetches started (statistics)
+        self.stats = FetchStats()
         for _ in range(max(1, workers)):
             nursery.start_soon(self._worker)
 
@@ -165,6 +167,7 @@ class FetchEngine:
     async def _run(self, requester: Requester, digest: str, i: int, job) -> None:
         key = (digest, i)
         flight = self._flights.setdefault(key, Flight())
+        label = None  # the source's, once there is one
         try:
             blob = self._cache.current(digest)
             if blob is None:
@@ -173,13 +176,17 @@ class FetchEngine:
             await self.budget.acquire(length)
             try:
                 source = await requester.source(digest)
+                label = source_label(source.name)
                 blob = self._cache.current(digest)
                 if blob is None:  # sealed or dropped while the source was found
                     raise self._reset(digest)
                 if not blob.fetched(i):
                     self.fetches += 1
                     self._fetching.add(flight)
-                    buf = await fetch_chunk(source, blob, i, self._retry, flight.attempt)
+                    buf = await fetch_chunk(source, blob, i, self._retry, flight.attempt,
+                                            lambda exc: self.stats.retried(label, exc))
+                    if flight.receiver is not None:  # (not a landed chunk checked from disk)
+                        self.stats.fetched(label, digest, length)
                     try:
                         requester.fetched(blob, i, buf, job.priority)
                     finally:
@@ -191,6 +198,8 @@ class FetchEngine:
             self._nursery.start_soon(self._commit, requester, blob, i)
         except Exception as exc:  # handed to whoever waits on this flight
             flight.error = exc
+            if label is not None and not isinstance(exc, BlobReset):
+                self.stats.failed(label, exc)
             log.warning("fetching chunk %d of %s failed: %s", i, digest[:19], exc)
         finally:
             if flight in self._fetching:

@@ -19,14 +19,16 @@ from .source import ChunkSource
 
 
 async def fetch_chunk(source: ChunkSource, blob: PartialBlob, index: int, retry: RetryPolicy,
-                      watch: Callable[[object], None] | None = None):
+                      watch: Callable[[object], None] | None = None,
+                      on_retry: Callable[[BaseException], None] | None = None):
     """Fetch chunk `index` into a buffer of the cache and put it through the cache's verifying
     door, with retries. The chunk is verified (or, in a blob checked as a whole, landed for the
     seal to check); the caller has it written and made durable (`blob.commit_chunk`), so
     readers can be answered before either. A chunk that landed earlier is checked from the
     file instead, and fetched only if it fails. Returns the buffer holding its bytes, with a
     ref the caller gives back (`blob.release_buffer`). `watch` is shown each try's receiver
-    (its `arrived` bytes are the fetch's progress)."""
+    (its `arrived` bytes are the fetch's progress); `on_retry` each failed try that is tried
+    again."""
     chunk = blob.chunks[index]
     # in the file already (a pull that stopped), never checked alone: checked from the file
     buf = await blob.verify_landed(index)
@@ -46,4 +48,4 @@ async def fetch_chunk(source: ChunkSource, blob: PartialBlob, index: int, retry:
         return receiver.buf
 
     return await retrying(once, retry, f"chunk {index} ({chunk.start}-{chunk.end - 1}) of "
-                          f"{blob.digest[:19]} from {source.name}")
+                          f"{blob.digest[:19]} from {source.name}", on_retry)

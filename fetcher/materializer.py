@@ -163,7 +163,7 @@ class Materializer:
             return b""
         size = min(size, layer.size - offset)
         state = self._state(name, layer)
-        self._readers.read(layer.digest, offset)
+        self._readers.read(layer.digest, offset, size)
         while True:
             self._seals.check(layer.digest)
             if await self._cache.sealed_file(layer.digest, layer.size) is not None:

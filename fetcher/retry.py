@@ -37,8 +37,10 @@ def is_retryable(exc: BaseException) -> bool:
     return isinstance(exc, ModelfsError) and (exc.temporary or isinstance(exc, ChunkDigestMismatch))
 
 
-async def retrying(fn: Callable[[], Awaitable[T]], policy: RetryPolicy, what: str) -> T:
-    """Run `fn` until it succeeds, a final error comes, or the attempts run out."""
+async def retrying(fn: Callable[[], Awaitable[T]], policy: RetryPolicy, what: str,
+                   on_retry: Callable[[BaseException], None] | None = None) -> T:
+    """Run `fn` until it succeeds, a final error comes, or the attempts run out. `on_retry`
+    is told of each failure that is tried again (statistics)."""
     attempt = 1
     kinds: list[type] = []
     while True:
@@ -52,6 +54,8 @@ async def retrying(fn: Callable[[], Awaitable[T]], policy: RetryPolicy, what: st
                 final = copy.copy(exc)  # same class and status, a message that says why
                 final.args = (f"{exc} ({_how_often(kinds)})",)
                 raise final from exc
+            if on_retry is not None:
+                on_retry(exc)
             delay = policy.delay(attempt, getattr(exc, "retry_after", None))
             level = logging.INFO if attempt == 1 else logging.WARNING
             log.log(level, "%s failed (%s); retry %d/%d in %.2fs",

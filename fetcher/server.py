@@ -164,6 +164,20 @@ def _find_manifest(models: ModelsDir, namespace: str, model: str,
 # --- the application --------------------------------------------------------------------------
 
 
+class RequestCounts:
+    """Requests answered and body bytes sent, by (method, status), for the metrics page.
+    Counted where the access line is written: once per request."""
+
+    def __init__(self) -> None:
+        self.by_answer: dict[tuple[str, str], tuple[int, int]] = {}
+
+    def answered(self, method: str, status: int | None, sent: int) -> None:
+        key = (method if method in ("GET", "HEAD") else "other",
+               "-" if status is None else str(status))
+        n, nbytes = self.by_answer.get(key, (0, 0))
+        self.by_answer[key] = (n + 1, nbytes + sent)
+
+
 class RegistryApp:
     """The ASGI 3 callable serving `models` as a read-only registry."""
 
@@ -175,6 +189,7 @@ class RegistryApp:
         self.chunk_store = chunk_store
         self.chunk_size = chunk_size
         self._disk_limiter = trio.CapacityLimiter(max_disk_threads)
+        self.counts = RequestCounts()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -184,7 +199,8 @@ class RegistryApp:
         # websocket: not served; returning without accepting makes the server refuse it.
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        resp = _Response(send, scope["method"] == "HEAD", functools.partial(_access_line, scope))
+        resp = _Response(send, scope["method"] == "HEAD",
+                         functools.partial(_access_line, scope, self.counts))
         try:
             await self._dispatch(scope, receive, resp)
         except HttpError as exc:
@@ -307,7 +323,8 @@ async def _lifespan(receive: Receive, send: Send) -> None:
             return
 
 
-def _access_line(scope: Scope, resp: _Response) -> None:
+def _access_line(scope: Scope, counts: RequestCounts, resp: _Response) -> None:
+    counts.answered(scope["method"], resp.status, resp.sent)
     client = scope.get("client")
     who = f"{client[0]}:{client[1]}" if client else "-"
     rng = range_header(scope)
@@ -372,8 +389,10 @@ def _port_of(bind: str) -> int:
 async def serve(models_root: os.PathLike | str, *, host: str = "127.0.0.1", port: int = 0,
                 chunk_size: int = DEFAULT_CHUNK_SIZE,
                 state_dir: os.PathLike | str | None = None,
+                metrics: tuple[str, int] | None = None,
                 task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve `models_root` until cancelled; `task_status.started(port)` once listening."""
+    """Serve `models_root` until cancelled; `task_status.started(port)` once listening;
+    `metrics`: (host, port) of a Prometheus metrics page (fetcher/metrics.py)."""
     models = ModelsDir(models_root)
     state = pathlib.Path(state_dir) if state_dir is not None else default_state_dir()
     _check_state_dir(state, models.root)
@@ -382,5 +401,8 @@ async def serve(models_root: os.PathLike | str, *, host: str = "127.0.0.1", port
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(functools.partial(
             hypercorn.trio.serve, app, _hypercorn_config(host, port), mode="asgi"))
+        if metrics is not None:
+            from .metrics import ServeCollector, serve_metrics
+            await nursery.start(serve_metrics, metrics, ServeCollector(app.counts))
         task_status.started(_port_of(binds[0]))
         nursery.start_soon(_warm_chunk_lists, models, store, chunk_size)

@@ -9,7 +9,6 @@ together, a missing directory); 130 interrupted.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import logging
@@ -117,7 +116,7 @@ def cmd_serve(args) -> int:
         async with trio.open_nursery() as nursery:
             bound = await nursery.start(lambda task_status: server.serve(
                 args.models, host=host, port=port, chunk_size=args.chunk_size,
-                state_dir=args.state_dir, task_status=task_status))
+                state_dir=args.state_dir, metrics=args.metrics, task_status=task_status))
             print(f"serving {args.models} on http://{host}:{bound}", flush=True)
 
     try:
@@ -232,7 +231,7 @@ def cmd_mount(args) -> int:
                         max_fetches=args.max_fetches, max_inflight=args.max_inflight,
                         prefetch=args.prefetch, readahead=args.readahead,
                         cache_max=args.cache_max, min_free=args.min_free,
-                        fetch_unit=args.fetch_unit)
+                        fetch_unit=args.fetch_unit, metrics=args.metrics)
     if args.foreground:
         return run_foreground(opts)
     return run_background(opts, opts.cache / "mount.log")
@@ -254,32 +253,16 @@ def _display(parts) -> str:
 
 
 def cmd_status(args) -> int:
-    from modelfs.cache.inventory import inventory
+    from .statusview import render, report, watch
 
     if not (args.cache / "index.sqlite").exists() and not (args.cache / "manifests").is_dir():
         raise UsageError(f"{args.cache} is not a modelfs cache")
-    models, totals = inventory(args.cache)
-    if args.json:
-        print(json.dumps({
-            "cache": str(args.cache), **totals,
-            "models": [{"name": _display(m.parts), "size": m.size, "cached": m.cached,
-                        "sealed": m.sealed, "complete": m.complete_manifest,
-                        "last_used": m.last_used or None,
-                        "blobs": [dataclasses.asdict(b) for b in m.blobs]} for m in models],
-        }, indent=2))
-        return 0
-    rows = [("NAME", "SIZE", "CACHED", "SEALED", "LAST USED")]
-    for m in models:
-        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(m.last_used)) if m.last_used \
-            else "-"
-        rows.append((_display(m.parts), format_size(m.size), format_size(m.cached),
-                     "yes" if m.sealed else "no", used))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-    cap = f" of a {format_size(totals['cap'])} cap" if totals["cap"] else " (no cap)"
-    print(f"\ncache {args.cache}: {format_size(totals['cached'])} cached{cap}, "
-          f"{format_size(totals['allocated'])} allocated on disk")
+    if args.watch is not None:
+        watch(args.cache, args.watch)
+    elif args.json:
+        print(json.dumps(report(args.cache), indent=2))
+    else:
+        print(render(report(args.cache)))
     return 0
 
 
@@ -311,6 +294,11 @@ def cmd_evict(args) -> int:
 
 
 # -- main -----------------------------------------------------------------------------------
+
+def _metrics_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--metrics", type=_listen_arg, default=None, metavar="HOST:PORT",
+                   help="serve Prometheus metrics (modelfs_...) on http://HOST:PORT/metrics")
+
 
 def _cache_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", type=pathlib.Path, default=default_cache_dir(),
@@ -369,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="chunksums chunk size (default 8M)")
     p.add_argument("--state-dir", type=pathlib.Path, default=None,
                    help="where computed chunk lists are remembered (outside the models dir)")
+    _metrics_arg(p)
     p.add_argument("--export", type=pathlib.Path, default=None, metavar="DIR",
                    help="instead of serving, write the models dir as a static registry tree "
                    "(v2/<ns>/<model>/manifests|blobs|chunksums/...) for any web server or CDN")
@@ -417,13 +406,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "large sequential reads and mmap arrive as 1 MiB requests")
     p.add_argument("--allow-other", action="store_true",
                    help="let other users read the mount (e.g. an ollama service user)")
+    _metrics_arg(p)
     _fetch_unit_arg(p)
     _budget_args(p)
     p.set_defaults(func=cmd_mount)
 
-    p = sub.add_parser("status", help="what the cache holds, model by model")
+    p = sub.add_parser("status", help="what the cache holds, model by model (and, beside a "
+                       "live mount, what it reads and fetches)")
     _cache_arg(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--watch", type=float, nargs="?", const=1.0, default=None,
+                   metavar="SECONDS", help="refresh every SECONDS (default 1) until Ctrl-C")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("evict", help="drop a model's cached data (refused while mounted)")

@@ -28,12 +28,14 @@ from modelfs.fetcher.client import ClientConfig, RegistryClient
 from modelfs.fetcher.engine import FetchEngine
 from modelfs.fetcher.groups import first_error
 from modelfs.fetcher.materializer import Materializer
+from modelfs.fetcher.metrics import MountCollector, serve_metrics
 from modelfs.fetcher.names import Registry, parse_name
 from modelfs.fetcher.prefetch import PrefetchConfig
 from modelfs.fetcher.resolver import ModelResolver
 
 from .ops import ModelOps
 from .pagecache import KernelPageCache
+from .status import MountStatus, serve_status
 from .tree import Tree
 
 log = logging.getLogger("modelfs.mount")
@@ -58,6 +60,7 @@ class MountOptions:
     cache_max: int | None = None
     min_free: int | None = None
     fetch_unit: int = FETCH_UNIT
+    metrics: tuple[str, int] | None = None  # (host, port) of a metrics page
 
 
 # -- the kernel's view of mounts ------------------------------------------------------------
@@ -276,9 +279,10 @@ async def _serve(opts, cache, client, nursery, ready, state) -> None:
 
     engine = FetchEngine(cache, nursery, retry=client.config.retry, workers=opts.max_fetches,
                          max_inflight=opts.max_inflight)
+    page_cache = KernelPageCache(tree)
     materializer = Materializer(client, cache, nursery, engine=engine,
                                 background=opts.prefetch == "auto", on_sealed=on_sealed,
-                                publish=KernelPageCache(tree).store)
+                                publish=page_cache.store)
     config = PrefetchConfig()
     if opts.cache_max is not None:  # a window larger than a quarter of the cap would thrash
         quarter = max(opts.cache_max // 4, 1 << 20)
@@ -288,6 +292,11 @@ async def _serve(opts, cache, client, nursery, ready, state) -> None:
                    read_timeout=opts.read_timeout, prefetch=opts.prefetch,
                    prefetch_config=config)
     nursery.start_soon(_flush_recency, cache)
+    status = MountStatus(mountpoint=opts.mountpoint, resolver=resolver, cache=cache,
+                         engine=engine, readers=cache.readers, page_cache=page_cache)
+    await nursery.start(serve_status, cache.root, status)
+    if opts.metrics is not None:
+        await nursery.start(serve_metrics, opts.metrics, MountCollector(status))
     await nursery.start(_watch_signals, state)
     pyfuse3.init(ops, str(opts.mountpoint), fuse_options(opts))
     state["mounted"] = True

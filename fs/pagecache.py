@@ -28,11 +28,21 @@ class KernelPageCache:
     def __init__(self, tree: Tree, threads: int = 2):
         self._tree = tree
         self._limiter = trio.CapacityLimiter(threads)
+        self._pushed: dict[str, int] = {}  # digest -> bytes put into the kernel's cache
+
+    def pushed(self, digest: str) -> int:
+        """Bytes of `digest` put into the kernel's page cache ahead of its readers (their
+        reads of those pages are answered by the kernel and never reach the mount)."""
+        return self._pushed.get(digest, 0)
 
     async def store(self, digest: str, offset: int, buf) -> None:
+        stored = False
         for inode in self._tree.files_of(digest):
             try:
                 await trio.to_thread.run_sync(pyfuse3.notify_store, inode, offset, buf.view,
                                               limiter=self._limiter)
+                stored = True
             except OSError as exc:  # not in the kernel's cache: nothing to put pages into
                 log.debug("notify_store of inode %d at %d: %s", inode, offset, exc)
+        if stored:
+            self._pushed[digest] = self._pushed.get(digest, 0) + len(buf.view)

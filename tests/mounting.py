@@ -31,8 +31,9 @@ class Server:
     """`modelfs serve` on a fixed port, so it can be stopped and started again."""
 
     def __init__(self, models: pathlib.Path, state: pathlib.Path, log: pathlib.Path,
-                 chunk_size: str = "1M"):
+                 chunk_size: str = "1M", *extra: str):
         self.models, self.state, self.log, self.chunk_size = models, state, log, chunk_size
+        self.extra = extra
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = None
@@ -42,7 +43,7 @@ class Server:
         self.proc = subprocess.Popen(
             MODELFS + ["serve", "--models", str(self.models), "--listen",
                        f"127.0.0.1:{self.port}", "--chunk-size", self.chunk_size,
-                       "--state-dir", str(self.state)],
+                       "--state-dir", str(self.state), *self.extra],
             stdout=subprocess.PIPE, stderr=log, text=True)
         log.close()
         line = self.proc.stdout.readline()
