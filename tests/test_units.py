@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import struct
 
 import pytest
 import trio
@@ -120,3 +121,27 @@ async def test_pull_and_mount_fetch_small_chunks_in_units(live_registry, tmp_pat
     finally:
         cache.close()
     assert reg.faults.ranges(layer.digest)[before:] == [f"bytes={8 * MiB}-{layer.size - 1}"]
+
+
+@pytest.mark.parametrize("step", [4096, 1000, 65536 + 7])
+def test_a_unit_hashed_in_any_pieces_gives_each_chunk_its_digest(step):
+    """UnitHasher cuts the bytes at the registry chunks' bounds whatever the pieces it is fed
+    (down to one byte, across several chunks, past the unit's end)."""
+    rng = random.Random(step)
+    data = DATA[:2 * MiB + 333]
+    unit = group_units(registry_chunks(data, step), 4 * MiB)[0]
+    want = b"".join(struct.pack(">I32s", len(data[s:s + step]),
+                                hashlib.sha256(data[s:s + step]).digest())
+                    for s in range(0, len(data), step))
+    assert unit.parts == want
+    for _ in range(4):
+        h, pos = UnitHasher(unit), 0
+        while pos < len(data):
+            n = rng.choice([1, 2, step - 1, step, step + 1, 3 * step, 100_000, MiB])
+            h.update(memoryview(data)[pos:pos + n])
+            pos += n
+        assert h.parts() == want and h.result() == unit.digest
+    h = UnitHasher(unit)
+    h.update(data[:step + 5])
+    h.update(data[step + 5:] + b"more")  # past the end: never matches
+    assert h.result() != unit.digest
