@@ -14,6 +14,10 @@ cut at the chunks' boundaries, and gives the same kind of digest, so a unit's by
 digest exactly when every chunk in it matches its own (and everything that compares a chunk's
 digest with the bytes' works for units unchanged). Invariant 1 holds per registry chunk: no
 byte of a unit is served before the whole unit matched.
+
+`UnitBuilder` groups a chunk list as it is read (fetcher/chunksums.py parses the registry's list
+piece by piece): until its unit is complete a chunk is held only as its 36 packed bytes, so a
+list of a million 4 KiB chunks costs some 36 MiB, not a Python object per chunk.
 """
 
 from __future__ import annotations
@@ -34,8 +38,8 @@ from .chunks import Chunk
 FETCH_UNIT = 4 << 20
 
 _PART = struct.Struct(">I32s")  # a chunk's length and raw sha256
+PART_BYTES = _PART.size  # what a registry chunk in a unit costs in memory and in the index
 _DOMAIN = b"modelfs fetch unit 1\n"  # a unit's digest is never a digest of plain bytes
-
 
 # Units of chunks smaller than this are hashed by one thread at a time. hashlib lets go of the
 # GIL for every call on 2 KiB or more, and a 4 KiB chunk is hashed in a few microseconds: with
@@ -51,37 +55,73 @@ def _unit_digest(parts: bytes) -> str:
     return "sha256:" + hashlib.sha256(_DOMAIN + parts).hexdigest()
 
 
+class UnitBuilder:
+    """Fetch units of up to `unit` bytes made from a checked chunk list as it is read: `add`
+    the chunks in runs, in order, then `finish`. Chunks of `unit` bytes or more, and all of
+    them with `unit` 0, stay as they are; so do chunks without digests (`add_plain`)."""
+
+    def __init__(self, unit: int = FETCH_UNIT):
+        self.unit = unit
+        self.units: list[Chunk] = []
+        self._start = 0  # where the run of chunks being grouped starts
+        self._lengths: list[int] = []
+        self._raws: list[bytes] = []  # their raw digests
+        self._bytes = 0
+
+    def add(self, start: int, lengths: list[int], raws: list[bytes]) -> None:
+        """Chunks that follow those added before: the first at `start`, their `lengths` and
+        their raw sha256 digests (32 bytes each)."""
+        unit, i, n = self.unit, 0, len(lengths)
+        ends = list(itertools.accumulate(lengths, initial=start))  # ends[i]: where chunk i starts
+        while i < n:
+            # the chunks from i on that fit in the unit being made
+            j = bisect.bisect_right(ends, ends[i] + unit - self._bytes, i) - 1
+            if j > i:
+                if not self._lengths:
+                    self._start = ends[i]
+                self._lengths += lengths[i:j]
+                self._raws += raws[i:j]
+                self._bytes += ends[j] - ends[i]
+                i = j
+            if i < n:  # chunk i does not fit in the unit being made
+                if self._lengths:
+                    self._flush()
+                else:  # a unit alone
+                    self.units.append(Chunk(ends[i], ends[i + 1], "sha256:" + raws[i].hex()))
+                    i += 1
+
+    def add_plain(self, chunk: Chunk) -> None:
+        self._flush()
+        self.units.append(chunk)
+
+    def finish(self) -> list[Chunk]:
+        self._flush()
+        return self.units
+
+    def _flush(self) -> None:
+        lengths, raws = self._lengths, self._raws
+        end = self._start + self._bytes
+        if len(lengths) == 1:
+            self.units.append(Chunk(self._start, end, "sha256:" + raws[0].hex()))
+        elif lengths:
+            parts = b"".join(map(_PART.pack, lengths, raws))
+            self.units.append(Chunk(self._start, end, _unit_digest(parts), parts))
+        self._lengths, self._raws, self._bytes = [], [], 0
+
+
 def group_units(chunks: list[Chunk], unit: int = FETCH_UNIT) -> list[Chunk]:
     """`chunks` (a checked chunk list) as fetch units of up to `unit` bytes. Chunks without
     digests (client-chosen ranges) and chunks of `unit` bytes or more stay as they are; with
     `unit` 0 all of them do."""
     if unit <= 0:
         return chunks
-    out: list[Chunk] = []
-    run: list[Chunk] = []
-    run_bytes = 0
-
-    def flush() -> None:
-        if len(run) == 1:
-            out.append(run[0])
-        elif run:
-            parts = b"".join(_PART.pack(c.length, bytes.fromhex(c.digest[7:])) for c in run)
-            out.append(Chunk(run[0].start, run[-1].end, _unit_digest(parts), parts))
-        run.clear()
-
+    builder = UnitBuilder(unit)
     for chunk in chunks:
-        if chunk.digest is None or chunk.length >= unit:
-            flush()
-            run_bytes = 0
-            out.append(chunk)
-            continue
-        if run_bytes + chunk.length > unit:
-            flush()
-            run_bytes = 0
-        run.append(chunk)
-        run_bytes += chunk.length
-    flush()
-    return out
+        if chunk.digest is None:
+            builder.add_plain(chunk)
+        else:
+            builder.add(chunk.start, [chunk.length], [bytes.fromhex(chunk.digest[7:])])
+    return builder.finish()
 
 
 def part_lengths(chunk: Chunk) -> list[int]:
