@@ -40,8 +40,18 @@ class Chunk(NamedTuple):
 def check_coverage(chunks: list[Chunk], size: int, digests_checked: bool = False) -> list[Chunk]:
     """Raise BadChunkList unless `chunks` tile [0, size) exactly, in order (and their digests
     are well formed, unless the caller checked them already)."""
-    expected = 0
-    for i, chunk in enumerate(chunks):
+    covered = check_run(chunks, size, digests_checked=digests_checked)
+    if covered != size:
+        raise BadChunkList(f"chunk list covers {covered} of {size} bytes")
+    return chunks
+
+
+def check_run(chunks: list[Chunk], size: int, expected: int = 0, first: int = 0,
+              digests_checked: bool = False) -> int:
+    """Where the chunks tile to: raise BadChunkList unless `chunks`, the chunks `first`,
+    `first + 1`, ... of a list, follow one another from `expected` on, within [0, size) (a
+    list read piece by piece is checked a run at a time: fetcher/chunksums.py)."""
+    for i, chunk in enumerate(chunks, first):
         if chunk.start < expected:
             raise BadChunkList(
                 f"chunk {i} ({chunk.start}-{chunk.end - 1}) overlaps or is out of order: "
@@ -55,9 +65,7 @@ def check_coverage(chunks: list[Chunk], size: int, digests_checked: bool = False
         if chunk.digest is not None and not digests_checked:
             parse_digest(chunk.digest)
         expected = chunk.end
-    if expected != size:
-        raise BadChunkList(f"chunk list covers {expected} of {size} bytes")
-    return chunks
+    return expected
 
 
 def fixed_chunks(size: int, chunk_size: int) -> list[Chunk]:

@@ -25,10 +25,10 @@ import trio
 
 from modelfs.cache.buffers import Pieces
 from modelfs.cache.chunks import DEFAULT_CHUNK_SIZE, Chunk, fixed_chunks
-from modelfs.cache.units import FETCH_UNIT, group_units
+from modelfs.cache.units import FETCH_UNIT
 
 from . import __version__
-from .chunksums import MAX_CHUNKSUMS_BYTES, parse_chunksums
+from .chunksums import MAX_CHUNKS, PARSE_STEP, ChunksumsParser
 from .answer import MIN_TRANSFER_RATE, check_length, check_range_answer, stall_budget, stalled
 from .errors import (NotFound, ProtocolViolation, RegistryError, RegistryUnreachable,
                      TemporaryError, Unauthorized, describe_error, error_for_status,
@@ -66,6 +66,8 @@ class ClientConfig:
     max_connections: int = 16
     # the registry's small chunks are fetched together, in units of up to this many bytes
     fetch_unit: int = FETCH_UNIT
+    # a chunk list of more registry chunks is refused: what it costs in memory (chunksums.py)
+    max_chunks: int = MAX_CHUNKS
     retry: RetryPolicy = RetryPolicy()
     username: str | None = None
     password: str | None = None
@@ -290,13 +292,11 @@ class RegistryClient:
         url = f"{name.base_url}/v2/{name.namespace}/{name.model}/chunksums/{layer.digest}"
 
         async def once():
-            response, body = await self._get_bytes(url, MAX_CHUNKSUMS_BYTES)
-            if response.status_code != 200:
-                raise ProtocolViolation(f"{url}: unexpected status {response.status_code}")
-            location = response.headers.get("content-location") or blob_url
-            # (a long list takes a while to parse and group: not on the loop)
-            units = await trio.to_thread.run_sync(self._units, body, layer.size) \
-                if len(body) > 64 << 10 else self._units(body, layer.size)
+            async with self._stream("GET", url) as response:
+                if response.status_code != 200:
+                    raise ProtocolViolation(f"{url}: unexpected status {response.status_code}")
+                location = response.headers.get("content-location") or blob_url
+                units = await self._read_chunksums(url, response, layer.size)
             return ChunkPlan(urllib.parse.urljoin(str(response.url), location), units, True)
 
         try:
@@ -306,8 +306,31 @@ class RegistryClient:
                      "whole blob", name.base_url, layer.digest[:19], chunk_size)
             return ChunkPlan(blob_url, fixed_chunks(layer.size, chunk_size), False)
 
-    def _units(self, body: bytes, size: int) -> list[Chunk]:
-        return group_units(parse_chunksums(body, size), self.config.fetch_unit)
+    async def _read_chunksums(self, url: str, response: httpx.Response,
+                              size: int) -> list[Chunk]:
+        """The fetch units of the chunk list in `response`, parsed as it arrives: a piece
+        of PARSE_STEP bytes at a time, in a worker thread (a long list takes a while), while
+        the next comes in; never the whole body at once (chunksums.py)."""
+        parser = ChunksumsParser(size, self.config.fetch_unit, self.config.max_chunks)
+        declared = int(response.headers.get("content-length", "0") or 0)
+        if declared > parser.max_bytes:
+            raise RegistryError(f"{url}: answer of {declared} bytes is larger than "
+                                f"{parser.max_bytes}")
+        pending: list[bytes] = []
+        held = 0
+        with map_transport_errors(url):
+            async for piece in response.aiter_bytes():
+                pending.append(piece)
+                held += len(piece)
+                if held >= PARSE_STEP:
+                    data, pending, held = b"".join(pending), [], 0
+                    await trio.to_thread.run_sync(parser.feed, data)
+        data = b"".join(pending)
+        if len(data) > 64 << 10:
+            await trio.to_thread.run_sync(parser.feed, data)
+        else:
+            parser.feed(data)
+        return parser.finish()
 
     async def fetch_range_into(self, url: str, start: int, end: int, blob_size: int | None,
                                receiver) -> None:

@@ -64,7 +64,7 @@ sys.path.insert(0, str(REPO))
 
 from modelfs.cache.chunks import MAX_CHUNK_BYTES  # noqa: E402
 from modelfs.fetcher.chunksum_store import MIN_CHUNK_SIZE  # noqa: E402
-from modelfs.fetcher.chunksums import MAX_CHUNKSUMS_BYTES  # noqa: E402
+from modelfs.fetcher.chunksums import MAX_CHUNKS  # noqa: E402
 from modelfs.fs.sizes import format_size, size_arg  # noqa: E402
 # test tooling, not product code: nginx serving an exported tree, and its access log
 from tests.nginx import Nginx, NginxError, blob_gets  # noqa: E402
@@ -422,11 +422,11 @@ class Bench:
             nbytes = listing.stat().st_size
             log(f"  exported with {label} chunks: a chunk list of {format_size(nbytes)} "
                 f"({time.monotonic() - t:.1f}s)")
-            if nbytes > MAX_CHUNKSUMS_BYTES:  # the client would refuse it: not a fetcher case
+            count = -(-self.blob_size // chunk)
+            if count > MAX_CHUNKS:  # the client would refuse it: not a fetcher case
                 self.chunk_skipped[chunk] = (
-                    f"its chunk list is {format_size(nbytes)}, over the client's "
-                    f"{format_size(MAX_CHUNKSUMS_BYTES)} limit (MAX_CHUNKSUMS_BYTES); use a "
-                    f"smaller --size")
+                    f"its chunk list has {count} chunks, over the client's limit of "
+                    f"{MAX_CHUNKS} (MAX_CHUNKS); use a smaller --size")
                 log(f"  case 8 skips {label}: {self.chunk_skipped[chunk]}")
 
     def memory_budget(self) -> tuple[int, int]:

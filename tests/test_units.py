@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import struct
 
 import pytest
 import trio
@@ -41,7 +42,8 @@ def test_small_chunks_are_grouped_large_ones_kept_as_they_are():
     assert group_units(big, 4 * MiB) == big  # as the registry gave them: index rows as before
     mixed = small[:3] + [Chunk(small[3].start, len(DATA), "sha256:" + "0" * 64)]
     grouped = group_units(mixed, 4 * MiB)
-    assert grouped[1] is mixed[3] and len(part_lengths(grouped[0])) == 3
+    assert grouped[1] == mixed[3] and grouped[1].parts is None  # as the registry gave it
+    assert len(part_lengths(grouped[0])) == 3
     plain = fixed_chunks(len(DATA), 4096)  # no digests: nothing to verify per chunk
     assert group_units(plain, 4 * MiB) == plain
 
@@ -120,3 +122,27 @@ async def test_pull_and_mount_fetch_small_chunks_in_units(live_registry, tmp_pat
     finally:
         cache.close()
     assert reg.faults.ranges(layer.digest)[before:] == [f"bytes={8 * MiB}-{layer.size - 1}"]
+
+
+@pytest.mark.parametrize("step", [4096, 1000, 65536 + 7])
+def test_a_unit_hashed_in_any_pieces_gives_each_chunk_its_digest(step):
+    """UnitHasher cuts the bytes at the registry chunks' bounds whatever the pieces it is fed
+    (down to one byte, across several chunks, past the unit's end)."""
+    rng = random.Random(step)
+    data = DATA[:2 * MiB + 333]
+    unit = group_units(registry_chunks(data, step), 4 * MiB)[0]
+    want = b"".join(struct.pack(">I32s", len(data[s:s + step]),
+                                hashlib.sha256(data[s:s + step]).digest())
+                    for s in range(0, len(data), step))
+    assert unit.parts == want
+    for _ in range(4):
+        h, pos = UnitHasher(unit), 0
+        while pos < len(data):
+            n = rng.choice([1, 2, step - 1, step, step + 1, 3 * step, 100_000, MiB])
+            h.update(memoryview(data)[pos:pos + n])
+            pos += n
+        assert h.parts() == want and h.result() == unit.digest
+    h = UnitHasher(unit)
+    h.update(data[:step + 5])
+    h.update(data[step + 5:] + b"more")  # past the end: never matches
+    assert h.result() != unit.digest
