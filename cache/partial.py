@@ -4,10 +4,10 @@ Life cycle: in progress (file in `partial/`), sealed (the same file renamed into
 object kept with its fd), and back to in progress when the disk budget evicts one of its chunks
 (`unseal`, then `evict_chunk` punches a hole).
 
-`PartialBlob.write_chunk` is the only door into the cache for blob bytes: it hashes the chunk
-and compares it with the chunk digest, and only then writes it at its final offset, where it
-becomes `readable`. `commit_chunk` makes it durable and records it in the index (`present`);
-`put_chunk` does both. When every chunk is present, `seal` checks the whole-file sha256 against
+`PartialBlob.write_chunk` is the only door into the cache for blob bytes: a chunk comes in a
+`Receiver` (`receiver(i)`, filled by a source), whose digest is compared with the chunk digest;
+only then is it `readable`, and `commit_chunk` writes it at its final offset, makes it durable
+and records it in the index (`present`). When every chunk is present, `seal` checks the whole-file sha256 against
 the manifest digest and only then moves the file into `blobs/`.
 
 Checked as a whole (`check_whole`, a pull): nobody reads the blob before its seal, so the
@@ -27,8 +27,8 @@ Concurrency contract (trio):
   one at a time per file (`_write_lock`): concurrent ones would only contend, and on a full
   disk one writer would take the room another's eviction just freed. Dropping corrupt landed
   chunks punches under it too, so no hole lands on a chunk fetched again (`_drop_landed`).
-- Chunk bytes come either as bytes (hashed here) or as a `Receiver` (cache/chunkbuf.py) that
-  the fetcher filled in its thread while our hasher took each piece. A received chunk is
+- Chunk bytes come as a `Receiver` (cache/chunkbuf.py) that the fetcher filled in its
+  thread while our hasher took each piece. A received chunk is
   readable as soon as it is verified (its reader is served from the buffer) and written behind
   by `commit_chunk`, from its page-aligned buffer with O_DIRECT, so the cache file's page cache
   is not filled and no reader waits for the disk; `read`, `load_chunk` (direct too) and the
@@ -62,7 +62,7 @@ import pathlib
 
 import trio
 
-from .buffers import feed, punch_hole, pwrite_all
+from .buffers import feed, punch_hole
 from .chunkbuf import BufferPool, ChunkBuffer, Receiver
 from .chunks import Chunk, check_coverage
 from .directio import load, open_direct, write_received
@@ -96,15 +96,6 @@ def pread_exact(fd: int, length: int, offset: int) -> bytes:
         want -= len(piece)
         offset += len(piece)
     return parts[0] if len(parts) == 1 else b"".join(parts)
-
-
-def _verify_and_feed(data, chunk: Chunk, hasher) -> str | None:
-    """sha256 of a chunk (when it has a digest) and, if it matches, the same bytes into the
-    whole-blob hasher: one thread trip, the bytes hot in the CPU cache for both."""
-    actual = digest_of(chunk, data) if chunk.digest is not None else None
-    if actual == chunk.digest:
-        feed(hasher, data)
-    return actual
 
 
 class _PendingWrite:
@@ -371,41 +362,18 @@ class PartialBlob:
         for i in list(self._early):
             self._done_with(self._pop_early(i))
 
-    async def put_chunk(self, i: int, data) -> None:
-        """Verify, write, make durable and record chunk `i`. Raises ChunkDigestMismatch."""
-        await self.write_chunk(i, data)
-        await self.commit_chunk(i)
-
-    async def write_chunk(self, i: int, data) -> bool:
-        """Verify chunk `i`; from then on it may be read (it is `readable`), though it is not
-        durable or recorded yet (`commit_chunk`). `data` is the chunk's bytes (hashed here in
-        a thread, written before this returns; one that arrives in file order is fed to the
-        sealer in the same trip) or a filled `Receiver` (hashed by us as it arrived; written
-        behind, with direct I/O, by `commit_chunk`: the caller serves it from its buffer
-        meanwhile, and file reads of it wait for the write). False if it was there already."""
+    async def write_chunk(self, i: int, received: Receiver) -> bool:
+        """Verify chunk `i`, received into `received` (a filled `Receiver` from `receiver(i)`,
+        hashed by us as it arrived); from then on it may be read (it is `readable`), though it
+        is not written, durable or recorded yet: `commit_chunk` writes it behind, with direct
+        I/O, and records it. The caller serves it from its buffer meanwhile; file reads of it
+        wait for the write. False if it was there already."""
         chunk = self.chunks[i]
-        received = isinstance(data, Receiver)
-        got = data.filled if received else len(data)
-        if got != chunk.length:
-            raise ChunkDigestMismatch(
-                f"chunk {i} of {self.digest[:19]}: got {got} bytes, expected {chunk.length}")
-        actual, checked, fed = None, received, False
-        unchecked = received and self.check_whole  # the seal checks it (a pull)
-        if received:
-            actual = data.digest()
-        elif self.readable[i]:
-            checked = chunk.digest is None
-        elif i == self._hashed_upto and not self._seal_lock.locked():
-            async with self._seal_lock:
-                if i == self._hashed_upto:
-                    actual = await trio.to_thread.run_sync(
-                        _verify_and_feed, data, chunk, self._hasher, limiter=self._limiter)
-                    checked = True
-                    fed = actual == chunk.digest
-                    if fed:
-                        self._hashed_upto = i + 1
-        if not checked and chunk.digest is not None:
-            actual = await trio.to_thread.run_sync(digest_of, chunk, data, limiter=self._limiter)
+        if received.filled != chunk.length:
+            raise ChunkDigestMismatch(f"chunk {i} of {self.digest[:19]}: got {received.filled} "
+                                      f"bytes, expected {chunk.length}")
+        unchecked = self.check_whole  # the seal checks it (a pull)
+        actual = received.digest()
         if actual != chunk.digest and not unchecked:
             what = "its digest" if chunk.parts is None else \
                 f"the digests of its {len(part_lengths(chunk))} registry chunks"
@@ -416,41 +384,25 @@ class PartialBlob:
             self._unland(i)  # checked bytes take the place of the unchecked ones
         if self.in_file(i):
             return False  # (checked all the same: the caller may serve what it fetched)
-        if received:
-            # Write behind: readable now (the caller serves it from its buffer), written to
-            # the file by `commit_chunk`, off the readers' path. (Unchecked: landed, for the
-            # sealer only.)
-            await self._room_for(i)
-            if self.in_file(i):
-                return False
-            # (after _room_for: chunks waiting there are not committable, so they must not
-            # hold the room that the ones they wait for need)
-            await self._admit(i)
-            if self.in_file(i):
-                self._settle(i)
-                return False
-            self._pending[i] = _PendingWrite(self._pool.hold(data.buf))
-            self._pending_bytes += chunk.length
-            if unchecked:
-                self.landed[i] = True
-            else:
-                self.readable[i] = True
-            self._keep_for_sealer(i, data.buf)
-            return True
-        try:
-            await self._admit(i)
-            if self.in_file(i):
-                self._settle(i)
-                return False
-            await self._write(i, chunk, data)
-        except BaseException:
+        # Write behind: readable now (the caller serves it from its buffer), written to the
+        # file by `commit_chunk`, off the readers' path. (Unchecked: landed, for the sealer
+        # only.)
+        await self._room_for(i)
+        if self.in_file(i):
+            return False
+        # (after _room_for: chunks waiting there are not committable, so they must not hold
+        # the room that the ones they wait for need)
+        await self._admit(i)
+        if self.in_file(i):
             self._settle(i)
-            if fed:
-                self._restart_sealer()  # it took in bytes that never reached the disk
-            raise
-        self.readable[i] = True
-        self._wrote(i)
-        self._keep_for_sealer(i, data)
+            return False
+        self._pending[i] = _PendingWrite(self._pool.hold(received.buf))
+        self._pending_bytes += chunk.length
+        if unchecked:
+            self.landed[i] = True
+        else:
+            self.readable[i] = True
+        self._keep_for_sealer(i, received.buf)
         return True
 
     async def _admit(self, i: int) -> None:
@@ -590,11 +542,7 @@ class PartialBlob:
                             f"({again.strerror})") from again
 
     async def _write_once(self, chunk: Chunk, data) -> None:
-        if not isinstance(data, (Receiver, ChunkBuffer)):  # bytes: through the page cache
-            await trio.to_thread.run_sync(pwrite_all, self._fd, data, chunk.start,
-                                          limiter=self._limiter)
-            return
-        # a page-aligned chunk buffer: direct I/O
+        # a page-aligned chunk buffer: direct I/O (the page cache where it is refused)
         if not await trio.to_thread.run_sync(write_received, self._direct_fd, self._fd,
                                              data.view, chunk.start, limiter=self._limiter):
             # (not closed: a load_chunk thread may be using it; closed with the blob)
