@@ -506,15 +506,13 @@ class _Checker:
         """Bytes the budget could not evict right now (see the module docstring)."""
         budget, total = cache.budget, 0
         for digest, blob in cache._open.items():
-            locked = blob._seal_lock.locked()
-            hashed = getattr(blob, "_hashed_upto", 0)
             pending = getattr(blob, "_pending", {})
             largest = max(c.length for c in blob.chunks)
             for i, chunk in enumerate(blob.chunks):
                 if not blob.in_file(i):
                     continue
-                if budget.pinned(digest, i) or blob.sealing or i in pending or (
-                        locked and not (chunk.digest is not None and i < hashed)):
+                if budget.pinned(digest, i) or blob.sealing or i in pending or \
+                        blob._sealer.may_be_reading(i):
                     total += chunk.length
             if blob._write_lock.locked():
                 total += largest

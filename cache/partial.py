@@ -20,7 +20,7 @@ anyone else (a pull that stopped; a mount after it) is served only after `verify
 
 Concurrency contract (trio):
 - All state (`readable`, `present`, the sealer position, the index) changes on the trio thread.
-- Threads get an fd, bytes and (under `_seal_lock`) the sealer's hasher: hashing, pwrite, pread
+- Threads get an fd, bytes and (under the sealer's lock) its hasher: hashing, pwrite, pread
   and fdatasync run via `trio.to_thread.run_sync(..., limiter=self._limiter)`.
 - Several tasks may fetch different chunks at once; the caller guarantees that one chunk has
   at most one writer at a time (single-flight lives in the fetcher). The writes themselves go
@@ -35,15 +35,11 @@ Concurrency contract (trio):
   sealer wait for a pending write, eviction skips it, and at most PENDING_LIMIT bytes per blob
   wait to be written (a receiver beyond it waits). A failed write makes the chunk unreadable
   again (it is fetched again when wanted).
-- The sealer hashes readable chunks strictly in file order under `_seal_lock`, from the chunk
-  buffers kept for it (`_early`, at most EARLY_LIMIT bytes, each holding a buffer ref) or read
-  back from disk when they were not kept. It is driven from `commit_chunk`, before the batched
-  fdatasync, so kept buffers are let go soon, and waits while the mount's readers (readers.py) are
-  being served (a mount sets it); `seal` itself never waits. It hashes in the cache's
-  low-priority thread when there is one. After a restart it starts again from offset 0.
+- The sealer (cache/sealer.py: its hash, position, lock and kept buffers) hashes the chunks
+  strictly in file order, driven from `commit_chunk` and `seal`.
 - What a crash costs is bounded in bytes, not only in time: a chunk takes room in the cache's
   `UnrecordedBudget` (one for all its blobs) just before it enters its blob (write_chunk, after
-  `_room_for`) and gives it back once it is recorded, or leaves the file. A chunk that finds
+  `Sealer.room_for`) and gives it back once it is recorded, or leaves the file. A chunk that finds
   no room waits, with the fetch holding it (so a reader waits for the disk only when the link
   outruns it by the budget); whoever takes a chunk in commits it, and its commit's sync is
   what makes the room. Each blob's GroupSync syncs at its interval, or at once when the budget
@@ -55,14 +51,13 @@ from __future__ import annotations
 
 import bisect
 import errno
-import hashlib
 import logging
 import os
 import pathlib
 
 import trio
 
-from .buffers import feed, punch_hole
+from .buffers import punch_hole
 from .chunkbuf import BufferPool, ChunkBuffer, Receiver
 from .chunks import Chunk, check_coverage
 from .directio import load, open_direct, write_received
@@ -72,18 +67,14 @@ from .errors import (CacheFull, ChunkDigestMismatch, LandedChunksBad, SealInterr
 from .groupsync import GroupSync, UnrecordedBudget
 from .index import LANDED, ChunkIndex
 from .readers import ReaderActivity
+from .sealer import Sealer
 from .store import fsync_dir
 from .units import digest_of, part_lengths
 
 log = logging.getLogger(__name__)
 
-# Bytes of chunks kept in memory for the sealer until it hashes them, per blob: enough for the
-# chunks that concurrent fetches finish ahead of the one it waits for.
-EARLY_LIMIT = 48 << 20
 # Bytes of received chunks verified but not yet written, per blob; a receiver waits beyond it.
 PENDING_LIMIT = 64 << 20
-# A receiver waits for the sealer to come closer at most this long without it moving.
-SEALER_PATIENCE = 1.0
 
 
 def pread_exact(fd: int, length: int, offset: int) -> bytes:
@@ -128,20 +119,11 @@ class PartialBlob:
         self._unrecorded = unrecorded or UnrecordedBudget()
         self._counted: dict[int, int] = {}
         self._unsynced: dict[int, int] = {}  # written chunk -> generation, until a sync
-        self._early: dict[int, object] = {}  # chunks written ahead of the sealer, kept for it
         # Received chunks verified and readable (from memory) whose write to the file is still
         # to come (write behind: `commit_chunk` does it); file reads of them wait for it.
         self._pending: dict[int, _PendingWrite] = {}
         self._pending_bytes = 0
-        self._pending_changed = trio.Event()
-        self._sealer_stalled = False  # it did not move for a while: receivers go on without it
         self._pool = pool or BufferPool()
-        self._hash_thread = hash_thread  # a LowPriorityThread (lowprio.py) for the sealer, or None
-        # A mount's readers (readers.py): while they are being served, the sealer waits (it
-        # would compete with them for the CPU) and catches up when they pause or at the seal.
-        # None in a pull, where the seal is what everyone waits for.
-        self._readers = readers
-        self._early_bytes = 0
         self.path, self.final_path = path, final_path
         self._index = index
         self._limiter = limiter
@@ -157,11 +139,10 @@ class PartialBlob:
         self._old_fds: list[int] = []  # replaced, closed with the blob (threads may hold them)
         self._sync_interval = sync_interval
         self._sync = self._group_sync()
-        self._hasher = hashlib.sha256()
-        self._hashed_upto = 0  # chunks [0, _hashed_upto) are in the sealer's hash
-        self._seal_lock = trio.Lock()
+        self._sealer = Sealer(digest=digest, chunks=self.chunks, pool=self._pool,
+                              limiter=limiter, in_file=self.in_file, load=self.load_chunk,
+                              hash_thread=hash_thread, readers=readers)
         self._write_lock = trio.Lock()
-        self._sealing = False
         # Replaced by a new chunk list, or discarded: its rows in the index are another
         # object's now (or gone), so nothing of it is recorded any more (see retire).
         self._retired = False
@@ -186,7 +167,7 @@ class PartialBlob:
         return sum(c.length for c, here in zip(self.chunks, self.present) if here)
 
     def close(self) -> None:
-        self._clear_early()
+        self._sealer.clear_early()
         for i in list(self._counted):  # nobody records them any more
             self._settle(i)
         for fd in (self._fd, self._dfd, *self._old_fds):
@@ -201,7 +182,7 @@ class PartialBlob:
         nothing: its chunk indexes would name rows of the new list (a chunk recorded over a
         hole, after a restart). What it counted as unrecorded is given back."""
         self._retired = True
-        self._clear_early()
+        self._sealer.clear_early()
         for i in list(self._counted):
             self._settle(i)
 
@@ -288,8 +269,8 @@ class PartialBlob:
         self.landed[i] = self.present[i] = False
         self._settle(i)
         self._unsynced.pop(i, None)
-        self._done_with(self._pop_early(i))
-        self._forget_hashed(i)
+        self._sealer.drop_early(i)
+        self._sealer.forget_hashed(i)
 
     async def _drop_landed(self, indexes: list[int]) -> list[int]:
         """Landed chunks that failed their own digest: absent again, their bytes (which the
@@ -321,12 +302,6 @@ class PartialBlob:
                                               limiter=self._limiter)
         return dropped
 
-    def _forget_hashed(self, i: int) -> None:
-        """Chunk `i`'s bytes, never checked on their own, are going: if the sealer took them
-        in (or may be taking them in right now, under its lock) it starts again."""
-        if i < self._hashed_upto or (i == self._hashed_upto and self._seal_lock.locked()):
-            self._restart_sealer()
-
     async def load_chunk(self, i: int) -> ChunkBuffer:
         """Chunk `i` read back from the file into a buffer (the caller releases it). The
         caller has made sure it is in the file (`in_file`) and pinned."""
@@ -341,26 +316,6 @@ class PartialBlob:
 
     def release_buffer(self, buf: ChunkBuffer) -> None:
         self._pool.release(buf)
-
-    def _keep_early(self, i: int, data) -> None:
-        if isinstance(data, ChunkBuffer):
-            self._pool.hold(data)
-        self._early[i] = data
-        self._early_bytes += len(data)
-
-    def _pop_early(self, i: int):
-        data = self._early.pop(i, None)
-        if data is not None:
-            self._early_bytes -= len(data)
-        return data
-
-    def _done_with(self, data) -> None:
-        if isinstance(data, ChunkBuffer):
-            self._pool.release(data)
-
-    def _clear_early(self) -> None:
-        for i in list(self._early):
-            self._done_with(self._pop_early(i))
 
     async def write_chunk(self, i: int, received: Receiver) -> bool:
         """Verify chunk `i`, received into `received` (a filled `Receiver` from `receiver(i)`,
@@ -387,10 +342,12 @@ class PartialBlob:
         # Write behind: readable now (the caller serves it from its buffer), written to the
         # file by `commit_chunk`, off the readers' path. (Unchecked: landed, for the sealer
         # only.)
-        await self._room_for(i)
+        length = chunk.length
+        await self._sealer.room_for(
+            i, lambda: bool(self._pending) and self._pending_bytes + length > PENDING_LIMIT)
         if self.in_file(i):
             return False
-        # (after _room_for: chunks waiting there are not committable, so they must not hold
+        # (after room_for: chunks waiting there are not committable, so they must not hold
         # the room that the ones they wait for need)
         await self._admit(i)
         if self.in_file(i):
@@ -402,7 +359,7 @@ class PartialBlob:
             self.landed[i] = True
         else:
             self.readable[i] = True
-        self._keep_for_sealer(i, received.buf)
+        self._sealer.keep(i, received.buf)
         return True
 
     async def _admit(self, i: int) -> None:
@@ -425,55 +382,6 @@ class PartialBlob:
         if self._durable:
             self._unsynced[i] = self._generation[i]
 
-    async def _room_for(self, i: int) -> None:
-        """Wait while too many bytes wait to be written (the commit tasks write them), or
-        while chunk `i` is far ahead of a sealer that keeps going (it is given a push, and a
-        sealer that does not move for SEALER_PATIENCE is not waited for until it moves: it
-        may be waiting for chunks that nobody is about to fetch, as when a pull resumes)."""
-        length = self.chunks[i].length
-        pushed_at = -1
-        while True:
-            full = self._pending and self._pending_bytes + length > PENDING_LIMIT
-            far = not self._sealer_stalled and self._far_ahead_of_sealer(i)
-            if not (full or far):
-                return
-            if far and pushed_at != self._hashed_upto and not self._seal_lock.locked():
-                pushed_at = self._hashed_upto  # once per position: it may be stuck there
-                await self._advance_sealer()
-                continue
-            with trio.move_on_after(SEALER_PATIENCE) as scope:
-                await self._pending_changed.wait()
-            if scope.cancelled_caught and not full:
-                self._sealer_stalled = True
-
-    def _far_ahead_of_sealer(self, i: int) -> bool:
-        """Whether chunk `i` is further ahead of a running sealer than it keeps bytes for.
-        Where the seal is what everyone waits for (no readers: a pull), a receiver waits
-        then, so the sealer hashes from memory instead of reading most chunks back from disk."""
-        return self._readers is None and not self._within_sealer_reach(i)
-
-    def _within_sealer_reach(self, i: int) -> bool:
-        """Whether chunk `i` ends within EARLY_LIMIT of the sealer's position. The chunk the
-        sealer needs next always is, however large: it waits for that very chunk."""
-        if i <= self._hashed_upto or self._hashed_upto >= len(self.chunks):
-            return True
-        return self.chunks[i].end - self.chunks[self._hashed_upto].start <= EARLY_LIMIT
-
-    def _paused(self) -> bool:
-        return not self._sealing and self._readers is not None and \
-            self._readers.active(self.digest)
-
-    def _keep_for_sealer(self, i: int, data) -> None:
-        chunk = self.chunks[i]
-        if self._paused():
-            return  # it would hold them for as long as the readers keep it waiting
-        if i >= self._hashed_upto and self._early_bytes + chunk.length <= EARLY_LIMIT and \
-                self._within_sealer_reach(i):
-            # just ahead of the sealer (concurrent fetches finish out of order): keep the bytes
-            # for it rather than read them back from disk a moment later. Not far ahead: a
-            # reader elsewhere in the blob would pin them until the sealer got there.
-            self._keep_early(i, data)
-
     async def _finish_write(self, i: int) -> None:
         """Write chunk `i` to the file if it is still pending (or wait for whoever is).
         A failed write makes it unreadable again: it is fetched again when wanted."""
@@ -492,22 +400,16 @@ class PartialBlob:
             unchecked = self.landed[i] or self.chunks[i].digest is None
             self.readable[i] = self.landed[i] = False
             self._settle(i)
-            self._done_with(self._pop_early(i))
+            self._sealer.drop_early(i)
             if unchecked:
-                self._forget_hashed(i)
+                self._sealer.forget_hashed(i)
             raise
         finally:
             del self._pending[i]
             self._pending_bytes -= self.chunks[i].length
             pending.done.set()
-            self._wake_receivers()
+            self._sealer.wake()
             self._pool.release(pending.buf)
-
-    def _wake_receivers(self) -> None:
-        """A pending write finished or the sealer moved: receivers waiting in _room_for look
-        again."""
-        self._pending_changed.set()
-        self._pending_changed = trio.Event()
 
     async def _written(self, indexes) -> None:
         """Wait until the chunks in `indexes` are in the file, not only readable from memory."""
@@ -549,11 +451,6 @@ class PartialBlob:
             log.info("direct I/O refused on %s; writing through the page cache", self.path)
             self._direct = False
 
-    def _restart_sealer(self) -> None:
-        """Forget the whole-blob hash so far: it is built again from offset 0 (read back)."""
-        self._hasher, self._hashed_upto = hashlib.sha256(), 0
-        self._clear_early()
-
     async def commit_chunk(self, i: int) -> None:
         """Make chunk `i` durable (an fdatasync shared with the chunks around it) and record it
         in the index (invariant 2: recorded only once durable). Whoever had `write_chunk` take
@@ -563,13 +460,13 @@ class PartialBlob:
             return
         try:
             await self._finish_write(i)
-            if not self._seal_lock.locked():
+            if not self._sealer.locked():
                 # Catch the sealer up on the chunks written so far, from memory when it kept
                 # them. Here, not in write_chunk: readers waiting for a chunk never wait for
                 # this; and before the fdatasync, so the bytes kept for it are let go soon.
                 # Whoever holds the lock re-checks `readable` after each await, so nothing is
                 # missed.
-                await self._advance_sealer()
+                await self._sealer.advance()
             while self._durable and not self.present[i]:
                 generation = self._generation[i]
                 await self._sync.wait_durable(generation)  # records it (_record_durable)
@@ -610,33 +507,6 @@ class PartialBlob:
             self.present[i] = True
             self._settle(i)
 
-    async def _advance_sealer(self) -> None:
-        """Hash the readable chunks that follow the sealer's position, reading them back."""
-        async with self._seal_lock:
-            n = len(self.chunks)
-            hasher = self._hasher
-            while self._hashed_upto < n and self.in_file(self._hashed_upto):
-                if self._paused():
-                    self._clear_early()  # read back from disk when it catches up
-                    return
-                j = self._hashed_upto
-                buf = self._pop_early(j)
-                if buf is None:
-                    buf = await self.load_chunk(j)
-                try:
-                    if self._hash_thread is not None and self.has_chunk_digests:
-                        # (a blob without chunk digests has readers waiting for this hash)
-                        await self._hash_thread.run(feed, hasher, buf)
-                    else:
-                        await trio.to_thread.run_sync(feed, hasher, buf, limiter=self._limiter)
-                finally:
-                    self._done_with(buf)
-                if self._hasher is not hasher:
-                    return  # restarted meanwhile (a failed write): what we hashed is void
-                self._hashed_upto = j + 1
-                self._sealer_stalled = False
-                self._wake_receivers()  # one may wait for the sealer to come closer
-
     async def read(self, offset: int, size: int) -> bytes:
         """Bytes [offset, offset+size) from the file. The caller has made sure every chunk
         they touch is readable (verified, maybe not written or durable yet) and pinned."""
@@ -655,12 +525,12 @@ class PartialBlob:
     def seal_progress(self) -> int:
         """Chunks in the sealer's hash so far (a mark of progress for readers waiting on the
         seal of a blob without chunk digests)."""
-        return self._hashed_upto
+        return self._sealer.position
 
     @property
     def sealing(self) -> bool:
         """Being sealed right now (nothing of it may be evicted or dropped)."""
-        return self._sealing
+        return self._sealer.sealing
 
     @property
     def complete(self) -> bool:
@@ -674,19 +544,20 @@ class PartialBlob:
         """
         if not self.complete:
             raise RuntimeError("seal() called with chunks missing")
-        self._sealing = True  # no chunk is evicted from under the seal (evict_chunk refuses)
+        self._sealer.sealing = True  # no chunk is evicted from under the seal (evict_chunk
+        # refuses), and the sealer does not pause for readers
         try:
             return await self._seal()
         finally:
-            self._sealing = False
+            self._sealer.sealing = False
 
     async def _seal(self) -> pathlib.Path:
-        await self._advance_sealer()
-        if self._hashed_upto < len(self.chunks) or not self.complete:
+        await self._sealer.advance()
+        if self._sealer.position < len(self.chunks) or not self.complete:
             # a reader dropped a corrupt landed chunk meanwhile (verify_landed)
             raise SealInterrupted(f"blob {self.digest[:19]} lost a chunk while being sealed; "
                                   f"sealed once it is complete again")
-        actual = "sha256:" + self._hasher.hexdigest()
+        actual = self._sealer.hexdigest()
         if actual != self.digest and any(self.landed):
             await self._check_landed(actual)  # raises
         if actual != self.digest:
@@ -726,7 +597,7 @@ class PartialBlob:
         # or at the end, does not tell whether it was bad. So drops are counted as they happen
         # (_dropped_in_check) and such a chunk is blamed all the same (it explains the
         # mismatch: no SealMismatch), while `_drop_landed` punches only what is still landed.
-        # (Nothing is evicted while this runs: `_sealing`.)
+        # (Nothing is evicted while this runs: `sealing`.)
         found = []  # corrupt, found here
         dropped = self._dropped_in_check = set()
         try:
@@ -772,18 +643,14 @@ class PartialBlob:
             self._sync = self._group_sync()
         self._index.forget_sealed(self.digest)
         self.sealed = False
-        self._restart_sealer()  # read again when it is complete again
+        self._sealer.restart()  # read again when it is complete again
 
     async def evict_chunk(self, i: int) -> int:
         """Give chunk `i`'s disk space back (punch a hole); it is fetched again when needed.
         The caller makes sure nobody is reading it. Returns the bytes freed."""
         chunk = self.chunks[i]
-        if self._sealing or i in self._pending:
-            return 0  # being sealed, or not in the file yet: not a candidate
-        if self._seal_lock.locked() and not (chunk.digest is not None and i < self._hashed_upto):
-            # the sealer may be reading it back right now; a chunk it has hashed already (and
-            # that is checked on its own when it comes back) is fair game
-            return 0
+        if self.sealing or i in self._pending or self._sealer.may_be_reading(i):
+            return 0  # being sealed, not in the file yet, or being read back by the sealer
         if self.sealed:
             self.unseal()
         if not self.in_file(i):
@@ -792,11 +659,11 @@ class PartialBlob:
         self.readable[i] = self.present[i] = self.landed[i] = False
         self._settle(i)  # (a crash would not make us fetch it again now: it is gone)
         self._unsynced.pop(i, None)
-        self._done_with(self._pop_early(i))
+        self._sealer.drop_early(i)
         if unchecked:
             # the sealer took in bytes never checked on their own, and the next ones may
             # differ: it must hash the chunk again
-            self._forget_hashed(i)
+            self._sealer.forget_hashed(i)
         self._index.mark_absent(self.digest, [i])  # durable before the hole (index.py)
         await trio.to_thread.run_sync(punch_hole, self._fd, chunk.start, chunk.length,
                                       limiter=self._limiter)
@@ -806,7 +673,7 @@ class PartialBlob:
         """Drop every byte and the index rows (the fd stays open for reads in flight)."""
         self._index.forget(self.digest)
         self.forget_chunks()
-        self._clear_early()
+        self._sealer.clear_early()
         await trio.to_thread.run_sync(_unlink_quietly, self.path, limiter=self._limiter)
 
 

@@ -376,9 +376,9 @@ async def test_a_receiver_does_not_wait_for_ever_for_a_sealer_that_cannot_move(c
     """Where the seal is awaited (no readers: a pull), a chunk far ahead of the sealer waits for it
     to come closer; but the sealer waits for chunk 0, which nobody fetches (a resumed pull):
     after SEALER_PATIENCE the receiver goes on, and so do the ones after it."""
-    from modelfs.cache import partial
-    monkeypatch.setattr(partial, "EARLY_LIMIT", 2 * 65536)
-    monkeypatch.setattr(partial, "SEALER_PATIENCE", 0.2)
+    from modelfs.cache import sealer
+    monkeypatch.setattr(sealer, "EARLY_LIMIT", 2 * 65536)
+    monkeypatch.setattr(sealer, "SEALER_PATIENCE", 0.2)
     blob = cache.open_partial(d(BIG), len(BIG), BIG_CHUNKS)
     c = BIG_CHUNKS[3]
     rec = _received(blob, 3, BIG[c.start:c.end])

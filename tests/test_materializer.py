@@ -92,7 +92,7 @@ async def test_sealer_waits_for_the_readers_then_seals(live_registry, tmp_path):
                     assert await mat.read(name, layer, off, step) == data[off:off + step]
                 blob = cache.open_stored(layer.digest, layer.size)
                 assert all(blob.readable) and not blob.sealed
-                assert blob._hashed_upto == 0  # nothing hashed while the reads went on
+                assert blob.seal_progress == 0  # nothing hashed while the reads went on
                 with trio.fail_after(10):
                     while not cache.is_sealed(layer.digest, layer.size):
                         await trio.sleep(0.05)
