@@ -351,7 +351,6 @@ class _Checker:
         """Compare an open blob's states with its rows; returns the chunks that must hold
         their bytes in the file and the chunks the budget counts as on disk."""
         expect, counted = [], set()
-        pending = getattr(blob, "_pending", {})
         if len(blob.chunks) != len(chunks) or blob.chunks != chunks:
             self.fail(f"blob {_short(digest)}: the open blob's chunk list is not the index's")
             recorded = [i for i, p in enumerate(present) if p]
@@ -377,7 +376,7 @@ class _Checker:
                           f"in memory")
             if mem_present and row:
                 expect.append(i)
-            elif (readable or landed) and not mem_present and i not in pending:
+            elif (readable or landed) and not mem_present and not blob._io.pending(i):
                 expect.append(i)  # written, waiting for its sync: in the file already
             if row or readable or landed:
                 counted.add(i)  # (pending ones too: about to be in the file)
@@ -490,8 +489,8 @@ class _Checker:
             for i, chunk in enumerate(blob.chunks):
                 if blob.in_file(i) and not blob.present[i]:
                     unrecorded += chunk.length
-            pending += sum(blob.chunks[i].length for i in getattr(blob, "_pending", {}))
-            if blob._write_lock.locked():
+            pending += sum(c.length for i, c in enumerate(blob.chunks) if blob._io.pending(i))
+            if blob._io.lock.locked():
                 writing += max(c.length for c in blob.chunks)
         # (+ chunks left unrecorded in the files of blobs no longer open: counted when they
         # were written, on disk until the blob is opened again, _free_absent)
@@ -506,15 +505,14 @@ class _Checker:
         """Bytes the budget could not evict right now (see the module docstring)."""
         budget, total = cache.budget, 0
         for digest, blob in cache._open.items():
-            pending = getattr(blob, "_pending", {})
             largest = max(c.length for c in blob.chunks)
             for i, chunk in enumerate(blob.chunks):
                 if not blob.in_file(i):
                     continue
-                if budget.pinned(digest, i) or blob.sealing or i in pending or \
+                if budget.pinned(digest, i) or blob.sealing or blob._io.pending(i) or \
                         blob._sealer.may_be_reading(i):
                     total += chunk.length
-            if blob._write_lock.locked():
+            if blob._io.lock.locked():
                 total += largest
         for digest, i in list(budget._pins):  # pins of blobs not open as a PartialBlob
             if digest in cache._open:

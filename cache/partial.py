@@ -23,18 +23,11 @@ Concurrency contract (trio):
 - Threads get an fd, bytes and (under the sealer's lock) its hasher: hashing, pwrite, pread
   and fdatasync run via `trio.to_thread.run_sync(..., limiter=self._limiter)`.
 - Several tasks may fetch different chunks at once; the caller guarantees that one chunk has
-  at most one writer at a time (single-flight lives in the fetcher). The writes themselves go
-  one at a time per file (`_write_lock`): concurrent ones would only contend, and on a full
-  disk one writer would take the room another's eviction just freed. Dropping corrupt landed
-  chunks punches under it too, so no hole lands on a chunk fetched again (`_drop_landed`).
+  at most one writer at a time (single-flight lives in the fetcher).
 - Chunk bytes come as a `Receiver` (cache/chunkbuf.py) that the fetcher filled in its
-  thread while our hasher took each piece. A received chunk is
-  readable as soon as it is verified (its reader is served from the buffer) and written behind
-  by `commit_chunk`, from its page-aligned buffer with O_DIRECT, so the cache file's page cache
-  is not filled and no reader waits for the disk; `read`, `load_chunk` (direct too) and the
-  sealer wait for a pending write, eviction skips it, and at most PENDING_LIMIT bytes per blob
-  wait to be written (a receiver beyond it waits). A failed write makes the chunk unreadable
-  again (it is fetched again when wanted).
+  thread while our hasher took each piece. A received chunk is readable as soon as it is
+  verified (its reader is served from the buffer) and written behind by `commit_chunk`
+  (cache/writeback.py: the file, its write lock, the pending writes, PENDING_LIMIT).
 - The sealer (cache/sealer.py: its hash, position, lock and kept buffers) hashes the chunks
   strictly in file order, driven from `commit_chunk` and `seal`.
 - What a crash costs is bounded in bytes, not only in time: a chunk takes room in the cache's
@@ -50,50 +43,25 @@ Concurrency contract (trio):
 from __future__ import annotations
 
 import bisect
-import errno
 import logging
 import os
 import pathlib
 
 import trio
 
-from .buffers import punch_hole
 from .chunkbuf import BufferPool, ChunkBuffer, Receiver
 from .chunks import Chunk, check_coverage
-from .directio import load, open_direct, write_received
 from .digests import digest_hex
-from .errors import (CacheFull, ChunkDigestMismatch, LandedChunksBad, SealInterrupted,
-                     SealMismatch)
+from .errors import ChunkDigestMismatch, LandedChunksBad, SealInterrupted, SealMismatch
 from .groupsync import GroupSync, UnrecordedBudget
 from .index import LANDED, ChunkIndex
 from .readers import ReaderActivity
 from .sealer import Sealer
 from .store import fsync_dir
 from .units import digest_of, part_lengths
+from .writeback import WriteBack
 
 log = logging.getLogger(__name__)
-
-# Bytes of received chunks verified but not yet written, per blob; a receiver waits beyond it.
-PENDING_LIMIT = 64 << 20
-
-
-def pread_exact(fd: int, length: int, offset: int) -> bytes:
-    parts, want = [], length
-    while want:
-        piece = os.pread(fd, want, offset)
-        if not piece:
-            raise EOFError(f"unexpected end of cache file at offset {offset}")
-        parts.append(piece)
-        want -= len(piece)
-        offset += len(piece)
-    return parts[0] if len(parts) == 1 else b"".join(parts)
-
-
-class _PendingWrite:
-    __slots__ = ("buf", "done", "started")
-
-    def __init__(self, buf: ChunkBuffer):
-        self.buf, self.done, self.started = buf, trio.Event(), False
 
 
 class PartialBlob:
@@ -119,30 +87,22 @@ class PartialBlob:
         self._unrecorded = unrecorded or UnrecordedBudget()
         self._counted: dict[int, int] = {}
         self._unsynced: dict[int, int] = {}  # written chunk -> generation, until a sync
-        # Received chunks verified and readable (from memory) whose write to the file is still
-        # to come (write behind: `commit_chunk` does it); file reads of them wait for it.
-        self._pending: dict[int, _PendingWrite] = {}
-        self._pending_bytes = 0
         self._pool = pool or BufferPool()
         self.path, self.final_path = path, final_path
         self._index = index
         self._limiter = limiter
         self._durable = durable
         self._reserve = reserve  # async (bytes) -> None: make room under the cache's cap
-        # a sealed blob must exist (never create an empty one in blobs/)
-        self._fd = os.open(final_path, os.O_RDWR) if sealed else \
-            os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        if os.fstat(self._fd).st_size != size:
-            os.ftruncate(self._fd, size)
-        self._dfd = open_direct(final_path if sealed else path)
-        self._direct = self._dfd >= 0  # False once the filesystem refused a direct write
-        self._old_fds: list[int] = []  # replaced, closed with the blob (threads may hold them)
+        # the file and the writes behind to it (writeback.py)
+        self._io = WriteBack(digest=digest, chunks=self.chunks,
+                             path=final_path if sealed else path, size=size, create=not sealed,
+                             pool=self._pool, limiter=limiter, reserve=reserve,
+                             written=self._wrote, failed=self._write_failed)
         self._sync_interval = sync_interval
         self._sync = self._group_sync()
         self._sealer = Sealer(digest=digest, chunks=self.chunks, pool=self._pool,
                               limiter=limiter, in_file=self.in_file, load=self.load_chunk,
                               hash_thread=hash_thread, readers=readers)
-        self._write_lock = trio.Lock()
         # Replaced by a new chunk list, or discarded: its rows in the index are another
         # object's now (or gone), so nothing of it is recorded any more (see retire).
         self._retired = False
@@ -153,7 +113,7 @@ class PartialBlob:
         self.sealed = sealed
 
     def _group_sync(self) -> GroupSync:
-        return GroupSync(self._fd, self._limiter, self._sync_interval, budget=self._unrecorded,
+        return GroupSync(self._io.fd, self._limiter, self._sync_interval, budget=self._unrecorded,
                          on_durable=self._record_durable)
 
     @property
@@ -170,11 +130,7 @@ class PartialBlob:
         self._sealer.clear_early()
         for i in list(self._counted):  # nobody records them any more
             self._settle(i)
-        for fd in (self._fd, self._dfd, *self._old_fds):
-            if fd >= 0:
-                os.close(fd)
-        self._fd = self._dfd = -1
-        self._old_fds.clear()
+        self._io.close()
 
     def retire(self) -> None:
         """Replaced or discarded: let go of the memory it holds now (its fds stay open for
@@ -185,10 +141,6 @@ class PartialBlob:
         self._sealer.clear_early()
         for i in list(self._counted):
             self._settle(i)
-
-    @property
-    def _direct_fd(self) -> int:
-        return self._dfd if self._direct else -1
 
     def receiver(self, i: int) -> Receiver:
         """A buffer to receive chunk `i` into, hashed by us as it arrives; give it to
@@ -285,7 +237,7 @@ class PartialBlob:
         # that is in the file again when its turn comes (readable, its write behind pending on
         # this lock) is not punched: its own write replaces the old bytes. Nothing but the
         # punches is awaited under the lock (no deadlock with _reserve's evictions).
-        async with self._write_lock:
+        async with self._io.lock:
             dropped = [i for i in indexes if self.landed[i]]
             if not dropped:
                 return dropped
@@ -297,18 +249,13 @@ class PartialBlob:
             for i in dropped:
                 if self.in_file(i):
                     continue
-                chunk = self.chunks[i]
-                await trio.to_thread.run_sync(punch_hole, self._fd, chunk.start, chunk.length,
-                                              limiter=self._limiter)
+                await self._io.punch(i)
         return dropped
 
     async def load_chunk(self, i: int) -> ChunkBuffer:
         """Chunk `i` read back from the file into a buffer (the caller releases it). The
         caller has made sure it is in the file (`in_file`) and pinned."""
-        chunk = self.chunks[i]
-        await self._written([i])
-        return await load(self._pool, self._limiter, self._direct_fd, self._fd, chunk.start,
-                          chunk.length)
+        return await self._io.load(i)
 
     def hurry(self) -> None:
         """The last chunk of this run was written: make the waiting ones durable now."""
@@ -343,8 +290,7 @@ class PartialBlob:
         # file by `commit_chunk`, off the readers' path. (Unchecked: landed, for the sealer
         # only.)
         length = chunk.length
-        await self._sealer.room_for(
-            i, lambda: bool(self._pending) and self._pending_bytes + length > PENDING_LIMIT)
+        await self._sealer.room_for(i, lambda: self._io.full(length))
         if self.in_file(i):
             return False
         # (after room_for: chunks waiting there are not committable, so they must not hold
@@ -353,8 +299,7 @@ class PartialBlob:
         if self.in_file(i):
             self._settle(i)
             return False
-        self._pending[i] = _PendingWrite(self._pool.hold(received.buf))
-        self._pending_bytes += chunk.length
+        self._io.put(i, received.buf)
         if unchecked:
             self.landed[i] = True
         else:
@@ -377,79 +322,22 @@ class PartialBlob:
             self._unrecorded.settle(length)
 
     def _wrote(self, i: int) -> None:
-        """Chunk `i`'s bytes are in the file: the next group sync covers them."""
+        """Chunk `i`'s write behind is done: the next group sync covers it."""
         self._generation[i] = self._sync.wrote()
         if self._durable:
             self._unsynced[i] = self._generation[i]
+        self._sealer.wake()
 
-    async def _finish_write(self, i: int) -> None:
-        """Write chunk `i` to the file if it is still pending (or wait for whoever is).
-        A failed write makes it unreadable again: it is fetched again when wanted."""
-        pending = self._pending.get(i)
-        if pending is None:
-            return
-        if pending.started:
-            await pending.done.wait()
-            return
-        pending.started = True
-        try:
-            await self._write(i, self.chunks[i], pending.buf)
-            self._wrote(i)
-        except BaseException:
-            # fetched (and kept for the sealer) again when wanted
-            unchecked = self.landed[i] or self.chunks[i].digest is None
-            self.readable[i] = self.landed[i] = False
-            self._settle(i)
-            self._sealer.drop_early(i)
-            if unchecked:
-                self._sealer.forget_hashed(i)
-            raise
-        finally:
-            del self._pending[i]
-            self._pending_bytes -= self.chunks[i].length
-            pending.done.set()
-            self._sealer.wake()
-            self._pool.release(pending.buf)
-
-    async def _written(self, indexes) -> None:
-        """Wait until the chunks in `indexes` are in the file, not only readable from memory."""
-        for i in indexes:
-            await self._finish_write(i)
-
-    async def _write(self, i: int, chunk: Chunk, data) -> None:
-        # One writer per file, from the reservation to the end of the write: concurrent
-        # pwrites would only contend; the room a reservation finds free (--min-free reads
-        # statvfs) must not be taken by another write before this one lands; and on a full
-        # disk a writer that is not alone takes the room another one's eviction just freed.
-        async with self._write_lock:
-            if self._reserve is not None:
-                await self._reserve(chunk.length)
-            try:
-                await self._write_once(chunk, data)
-            except OSError as exc:
-                if exc.errno != errno.ENOSPC or self._reserve is None:
-                    raise
-                await self._after_enospc(i, chunk, data)
-
-    async def _after_enospc(self, i: int, chunk: Chunk, data) -> None:
-        """The disk filled up under us: free some of the cache and try once more (under the
-        write lock: another writer would take the room just freed)."""
-        await self._reserve(chunk.length, disk_full=True)
-        try:
-            await self._write_once(chunk, data)
-        except OSError as again:
-            await trio.to_thread.run_sync(punch_hole, self._fd, chunk.start,
-                                          chunk.length, limiter=self._limiter)
-            raise CacheFull(f"no room on disk for chunk {i} of {self.digest[:19]} "
-                            f"({again.strerror})") from again
-
-    async def _write_once(self, chunk: Chunk, data) -> None:
-        # a page-aligned chunk buffer: direct I/O (the page cache where it is refused)
-        if not await trio.to_thread.run_sync(write_received, self._direct_fd, self._fd,
-                                             data.view, chunk.start, limiter=self._limiter):
-            # (not closed: a load_chunk thread may be using it; closed with the blob)
-            log.info("direct I/O refused on %s; writing through the page cache", self.path)
-            self._direct = False
+    def _write_failed(self, i: int) -> None:
+        """Chunk `i`'s write behind failed: it is not readable any more, and is fetched (and
+        kept for the sealer) again when wanted."""
+        unchecked = self.landed[i] or self.chunks[i].digest is None
+        self.readable[i] = self.landed[i] = False
+        self._settle(i)
+        self._sealer.drop_early(i)
+        if unchecked:
+            self._sealer.forget_hashed(i)
+        self._sealer.wake()
 
     async def commit_chunk(self, i: int) -> None:
         """Make chunk `i` durable (an fdatasync shared with the chunks around it) and record it
@@ -459,7 +347,7 @@ class PartialBlob:
         if self.present[i]:
             return
         try:
-            await self._finish_write(i)
+            await self._io.finish(i)
             if not self._sealer.locked():
                 # Catch the sealer up on the chunks written so far, from memory when it kept
                 # them. Here, not in write_chunk: readers waiting for a chunk never wait for
@@ -479,7 +367,7 @@ class PartialBlob:
             # reader at its deadline, leaves the chunk to the commit task that owns it.)
             self._settle(i)
             raise
-        if self.present[i] or not self.in_file(i) or i in self._pending:
+        if self.present[i] or not self.in_file(i) or self._io.pending(i):
             # recorded with its sync; or evicted while it waited to be durable: nothing to
             # record (and if it came back since, its new bytes are not written yet: their own
             # commit records them)
@@ -493,7 +381,7 @@ class PartialBlob:
         while its commit task waits its turn to run."""
         synced = [i for i, g in self._unsynced.items() if g <= generation]
         self._record([i for i in synced
-                      if self.in_file(i) and i not in self._pending and not self.present[i]])
+                      if self.in_file(i) and not self._io.pending(i) and not self.present[i]])
         for i in synced:  # (kept if the record failed: the next sync records them)
             del self._unsynced[i]
 
@@ -510,9 +398,7 @@ class PartialBlob:
     async def read(self, offset: int, size: int) -> bytes:
         """Bytes [offset, offset+size) from the file. The caller has made sure every chunk
         they touch is readable (verified, maybe not written or durable yet) and pinned."""
-        await self._written(self.chunk_range(offset, size))
-        return await trio.to_thread.run_sync(pread_exact, self._fd, size, offset,
-                                             limiter=self._limiter)
+        return await self._io.read(offset, size, self.chunk_range(offset, size))
 
     def chunk_range(self, offset: int, size: int) -> range:
         """Indexes of the chunks that cover [offset, offset+size)."""
@@ -568,7 +454,7 @@ class PartialBlob:
             raise SealMismatch(f"blob {self.digest} failed its seal: whole-file sha256 is "
                                f"{actual}; the cached copy was discarded")
         if self._durable:
-            await trio.to_thread.run_sync(os.fsync, self._fd, limiter=self._limiter)
+            await trio.to_thread.run_sync(os.fsync, self._io.fd, limiter=self._limiter)
         if not self.complete:
             raise RuntimeError(f"blob {self.digest[:19]} lost a chunk while being sealed")
         landed = [i for i, here in enumerate(self.landed) if here]
@@ -576,7 +462,7 @@ class PartialBlob:
             self._mark_verified(landed)  # by the whole blob's digest
         os.chmod(self.path, 0o644)
         os.replace(self.path, self.final_path)
-        st = os.fstat(self._fd)
+        st = os.fstat(self._io.fd)
         self._index.record_sealed(self.digest, self.size, st.st_mtime_ns, st.st_ino)
         if self._durable:
             await trio.to_thread.run_sync(fsync_dir, self.final_path.parent, limiter=self._limiter)
@@ -635,11 +521,7 @@ class PartialBlob:
             log.warning("sealed blob %s is gone from blobs/", self.digest[:19])
             self.forget_chunks()
             self._index.mark_absent(self.digest, list(range(len(self.chunks))))
-            self._old_fds += [self._fd, self._dfd]  # threads may still hold them
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.ftruncate(self._fd, self.size)
-            self._dfd = open_direct(self.path)
-            self._direct = self._dfd >= 0
+            self._io.reopen(self.path)
             self._sync = self._group_sync()
         self._index.forget_sealed(self.digest)
         self.sealed = False
@@ -649,7 +531,7 @@ class PartialBlob:
         """Give chunk `i`'s disk space back (punch a hole); it is fetched again when needed.
         The caller makes sure nobody is reading it. Returns the bytes freed."""
         chunk = self.chunks[i]
-        if self.sealing or i in self._pending or self._sealer.may_be_reading(i):
+        if self.sealing or self._io.pending(i) or self._sealer.may_be_reading(i):
             return 0  # being sealed, not in the file yet, or being read back by the sealer
         if self.sealed:
             self.unseal()
@@ -665,8 +547,7 @@ class PartialBlob:
             # differ: it must hash the chunk again
             self._sealer.forget_hashed(i)
         self._index.mark_absent(self.digest, [i])  # durable before the hole (index.py)
-        await trio.to_thread.run_sync(punch_hole, self._fd, chunk.start, chunk.length,
-                                      limiter=self._limiter)
+        await self._io.punch(i)
         return chunk.length
 
     async def discard(self) -> None:

@@ -327,13 +327,13 @@ def _received(blob, i: int, data: bytes):
 async def test_received_chunks_go_through_the_same_door(cache, tmp_path, monkeypatch):
     """Verified, readable at once, written behind (with direct I/O) by commit_chunk; file
     reads of a chunk whose write is pending wait for it."""
-    from modelfs.cache import partial
+    from modelfs.cache import writeback
     direct = []
-    real = partial.write_received
-    monkeypatch.setattr(partial, "write_received",
+    real = writeback.write_received
+    monkeypatch.setattr(writeback, "write_received",
                         lambda dfd, *a: direct.append(dfd >= 0) or real(dfd, *a))
     blob = cache.open_partial(d(BIG), len(BIG), BIG_CHUNKS)
-    assert blob._dfd >= 0  # a disk filesystem: the direct path is the one under test
+    assert blob._io.direct  # a disk filesystem: the direct path is the one under test
     for i in (3, 1, 0, 2):  # the unaligned tail first, out of order
         c = BIG_CHUNKS[i]
         rec = _received(blob, i, BIG[c.start:c.end])
@@ -590,7 +590,7 @@ async def test_a_chunk_fetched_again_while_the_check_punches_holes_keeps_its_byt
     be punched after they are written: the decision and the punches are one step under the
     file's write lock, so the write comes after them. (The reader is let go on once its write
     is done, or waits for the write lock.)"""
-    from modelfs.cache import partial
+    from modelfs.cache import writeback
     from modelfs.cache.errors import LandedChunksBad
     from modelfs.fetcher.fetch import fetch_chunk
     from modelfs.fetcher.retry import RetryPolicy
@@ -602,14 +602,14 @@ async def test_a_chunk_fetched_again_while_the_check_punches_holes_keeps_its_byt
         blob = await _open_landed(cache, data, chunks, [first, second])
         punching, release = trio.Event(), threading.Event()
         token = trio.lowlevel.current_trio_token()
-        real_punch = partial.punch_hole
+        real_punch = writeback.punch_hole
 
         def punch_hole(fd, offset, length):
             if offset == chunks[first].start:
                 trio.from_thread.run_sync(punching.set, trio_token=token)
                 assert release.wait(20)
             real_punch(fd, offset, length)
-        monkeypatch.setattr(partial, "punch_hole", punch_hole)
+        monkeypatch.setattr(writeback, "punch_hole", punch_hole)
         registry = _Source(data)
         registry.answer.set()
         outcome, refetched = {}, trio.Event()
@@ -633,7 +633,7 @@ async def test_a_chunk_fetched_again_while_the_check_punches_holes_keeps_its_byt
                     assert not blob.landed[second] and not blob.readable[second]
                     nursery.start_soon(reader)
                     while not (refetched.is_set() or
-                               blob._write_lock.statistics().tasks_waiting):
+                               blob._io.lock.statistics().tasks_waiting):
                         await trio.sleep(0.001)  # (a state polled for, not a race hoped for)
                     release.set()
         finally:
