@@ -51,10 +51,11 @@ import trio
 
 from .chunkbuf import BufferPool, ChunkBuffer, Receiver
 from .chunks import Chunk, check_coverage
+from .chunkstate import ChunkStates
 from .digests import digest_hex
 from .errors import ChunkDigestMismatch, LandedChunksBad, SealInterrupted, SealMismatch
 from .groupsync import GroupSync, UnrecordedBudget
-from .index import LANDED, ChunkIndex
+from .index import ChunkIndex
 from .readers import ReaderActivity
 from .sealer import Sealer
 from .store import fsync_dir
@@ -74,19 +75,18 @@ class PartialBlob:
                  readers: ReaderActivity | None = None):
         self.digest, self.size = digest, size
         self.chunks = check_coverage(chunks, size)
-        # `present` as the index has it (ABSENT, VERIFIED or LANDED; or bools)
-        self.present = [bool(p) for p in present]  # durable and recorded in the index
-        self.landed = [p == LANDED for p in present]  # in the file, not verified on its own
-        self.readable = [bool(p) and p != LANDED for p in present]  # verified (maybe not
-        # written or durable yet)
         # received chunks are checked by the seal alone (module docstring); a pull sets it
         self.check_whole = check_whole and self.has_chunk_digests
-        self._generation = [0] * len(chunks)  # GroupSync generation of each chunk's write
-        # The cache's budget of unrecorded bytes (shared by its blobs), and our share of it:
-        # chunk -> bytes, from admission (write_chunk) until recorded or out of the file.
+        # The cache's budget of unrecorded bytes (shared by its blobs), and every chunk's state
+        # with its share of that budget and the generation of its write (chunkstate.py), from
+        # `present` as the index has it (ABSENT, VERIFIED or LANDED; or bools).
         self._unrecorded = unrecorded or UnrecordedBudget()
-        self._counted: dict[int, int] = {}
-        self._unsynced: dict[int, int] = {}  # written chunk -> generation, until a sync
+        self._states = ChunkStates([c.length for c in self.chunks], present, self._unrecorded)
+        # Queries of those states, as read-only lists: recorded in the index (durable);
+        # verified (maybe not written or durable yet); in the file, not verified on its own.
+        self.present = self._states.present
+        self.readable = self._states.readable
+        self.landed = self._states.landed
         self._pool = pool or BufferPool()
         self.path, self.final_path = path, final_path
         self._index = index
@@ -128,8 +128,7 @@ class PartialBlob:
 
     def close(self) -> None:
         self._sealer.clear_early()
-        for i in list(self._counted):  # nobody records them any more
-            self._settle(i)
+        self._states.uncount_all()  # nobody records them any more
         self._io.close()
 
     def retire(self) -> None:
@@ -139,8 +138,7 @@ class PartialBlob:
         hole, after a restart). What it counted as unrecorded is given back."""
         self._retired = True
         self._sealer.clear_early()
-        for i in list(self._counted):
-            self._settle(i)
+        self._states.uncount_all()
 
     def receiver(self, i: int) -> Receiver:
         """A buffer to receive chunk `i` into, hashed by us as it arrives; give it to
@@ -152,27 +150,24 @@ class PartialBlob:
 
     def forget_chunks(self) -> None:
         """No chunk is in the file any more (the caller deals with the file and the index)."""
-        n = len(self.chunks)
-        self.present, self.readable, self.landed = [False] * n, [False] * n, [False] * n
-        for i in list(self._counted):
-            self._settle(i)
-        self._unsynced.clear()
+        self._states.forget_all()
 
     def ready(self, i: int) -> bool:
         """Chunk `i` was verified: its bytes may be served (from memory until written)."""
-        return self.readable[i]
+        return self._states.is_readable(i)
 
     def fetched(self, i: int) -> bool:
         """Nothing is left to fetch for chunk `i`: it is verified or, in a blob checked as a
         whole (a pull), it landed for the seal to check."""
-        return self.readable[i] or (self.check_whole and self.landed[i])
+        return self._states.is_readable(i) or (self.check_whole and self._states.is_landed(i))
 
     def all_ready(self, indexes) -> bool:
-        return all(self.readable[i] for i in indexes)
+        is_readable = self._states.is_readable
+        return all(is_readable(i) for i in indexes)
 
     def in_file(self, i: int) -> bool:
         """Chunk `i`'s bytes are in the file (or on their way there), verified or landed."""
-        return self.readable[i] or self.landed[i]
+        return self._states.in_file(i)
 
     async def verify_landed(self, i: int) -> ChunkBuffer | None:
         """Landed chunk `i` read back and checked against its own digest. If it matches it is
@@ -209,18 +204,14 @@ class PartialBlob:
     def _mark_verified(self, indexes: list[int]) -> None:
         """Landed chunks checked (on their own, or by the whole blob's digest): readable."""
         for i in indexes:
-            self.landed[i], self.readable[i] = False, True
+            self._states.checked(i)
         if not self._retired:
             self._index.mark_present(self.digest, indexes)
-        for i in indexes:
-            self._settle(i)
 
     def _unland(self, i: int) -> None:
         """Landed chunk `i` is to be written again (checked), or dropped: not in the file until
         then, and out of the sealer's hash if it took the old bytes in."""
-        self.landed[i] = self.present[i] = False
-        self._settle(i)
-        self._unsynced.pop(i, None)
+        self._states.dropped(i)
         self._sealer.drop_early(i)
         self._sealer.forget_hashed(i)
 
@@ -295,45 +286,28 @@ class PartialBlob:
             return False
         # (after room_for: chunks waiting there are not committable, so they must not hold
         # the room that the ones they wait for need)
-        await self._admit(i)
+        await self._unrecorded.admit(length)
         if self.in_file(i):
-            self._settle(i)
+            self._unrecorded.settle(length)
             return False
-        self._io.put(i, received.buf)
         if unchecked:
-            self.landed[i] = True
+            self._states.landed_pending(i, share=length)
         else:
-            self.readable[i] = True
+            self._states.verified_pending(i, share=length)
+        self._io.put(i, received.buf)
         self._sealer.keep(i, received.buf)
         return True
 
-    async def _admit(self, i: int) -> None:
-        """Take chunk `i`'s bytes into the cache's unrecorded budget (waiting for room)."""
-        self._settle(i)  # (never counted twice)
-        length = self.chunks[i].length
-        await self._unrecorded.admit(length)
-        self._counted[i] = length
-
-    def _settle(self, i: int) -> None:
-        """Chunk `i` is recorded, or out of the file, or nobody will record it: out of the
-        budget (if it was in it)."""
-        length = self._counted.pop(i, None)
-        if length is not None:
-            self._unrecorded.settle(length)
-
     def _wrote(self, i: int) -> None:
         """Chunk `i`'s write behind is done: the next group sync covers it."""
-        self._generation[i] = self._sync.wrote()
-        if self._durable:
-            self._unsynced[i] = self._generation[i]
+        self._states.written(i, self._sync.wrote())
         self._sealer.wake()
 
     def _write_failed(self, i: int) -> None:
         """Chunk `i`'s write behind failed: it is not readable any more, and is fetched (and
         kept for the sealer) again when wanted."""
         unchecked = self.landed[i] or self.chunks[i].digest is None
-        self.readable[i] = self.landed[i] = False
-        self._settle(i)
+        self._states.write_failed(i)  # (and out of the budget)
         self._sealer.drop_early(i)
         if unchecked:
             self._sealer.forget_hashed(i)
@@ -356,18 +330,18 @@ class PartialBlob:
                 # missed.
                 await self._sealer.advance()
             while self._durable and not self.present[i]:
-                generation = self._generation[i]
+                generation = self._states.generation(i)
                 await self._sync.wait_durable(generation)  # records it (_record_durable)
-                if self._generation[i] == generation:
+                if self._states.generation(i) == generation:
                     break  # (else it was evicted and written again meanwhile: wait for that)
         except Exception:
             # A failed write, sealer read or sync: nobody may come back to record this chunk
             # (it is recorded if a later sync of the blob covers it), so the chunks waiting for
             # room do not wait for it. (Not on cancellation: a caller that gives up, like a
             # reader at its deadline, leaves the chunk to the commit task that owns it.)
-            self._settle(i)
+            self._states.uncount(i)
             raise
-        if self.present[i] or not self.in_file(i) or self._io.pending(i):
+        if self.present[i] or not self.in_file(i) or self._states.is_pending(i):
             # recorded with its sync; or evicted while it waited to be durable: nothing to
             # record (and if it came back since, its new bytes are not written yet: their own
             # commit records them)
@@ -379,21 +353,18 @@ class PartialBlob:
         in the same trio step: every chunk it made durable is recorded at once, in one
         transaction, so none is left durable but unrecorded (fetched again after a crash)
         while its commit task waits its turn to run."""
-        synced = [i for i, g in self._unsynced.items() if g <= generation]
-        self._record([i for i in synced
-                      if self.in_file(i) and not self._io.pending(i) and not self.present[i]])
-        for i in synced:  # (kept if the record failed: the next sync records them)
-            del self._unsynced[i]
+        # (if the record fails they stay WRITTEN: the next sync records them)
+        self._record(self._states.written_upto(generation))
 
     def _record(self, indexes: list[int]) -> None:
-        """Record chunks whose bytes are durable in the file as present, and settle them."""
+        """Record chunks whose bytes are durable in the file (WRITTEN) as present, out of the
+        unrecorded budget."""
         for verified in (True, False) if not self._retired else ():
             these = [i for i in indexes if self.landed[i] != verified]
             if these:
                 self._index.mark_present(self.digest, these, verified=verified)
         for i in indexes:
-            self.present[i] = True
-            self._settle(i)
+            self._states.recorded(i)
 
     async def read(self, offset: int, size: int) -> bytes:
         """Bytes [offset, offset+size) from the file. The caller has made sure every chunk
@@ -420,7 +391,7 @@ class PartialBlob:
 
     @property
     def complete(self) -> bool:
-        return all(self.present)
+        return self._states.complete()
 
     async def seal(self) -> pathlib.Path:
         """Check the whole blob against its digest and move it into `blobs/`.
@@ -531,16 +502,15 @@ class PartialBlob:
         """Give chunk `i`'s disk space back (punch a hole); it is fetched again when needed.
         The caller makes sure nobody is reading it. Returns the bytes freed."""
         chunk = self.chunks[i]
-        if self.sealing or self._io.pending(i) or self._sealer.may_be_reading(i):
+        if self.sealing or self._states.is_pending(i) or self._sealer.may_be_reading(i):
             return 0  # being sealed, not in the file yet, or being read back by the sealer
         if self.sealed:
             self.unseal()
         if not self.in_file(i):
             return 0
         unchecked = chunk.digest is None or self.landed[i]
-        self.readable[i] = self.present[i] = self.landed[i] = False
-        self._settle(i)  # (a crash would not make us fetch it again now: it is gone)
-        self._unsynced.pop(i, None)
+        self._states.evicted(i)  # (and out of the budget: a crash would not make us fetch
+        # it again now, it is gone)
         self._sealer.drop_early(i)
         if unchecked:
             # the sealer took in bytes never checked on their own, and the next ones may

@@ -127,10 +127,6 @@ class WriteBack:
 
     # -- writes behind ---------------------------------------------------------------------------
 
-    def pending(self, i: int) -> bool:
-        """Whether chunk `i` waits to be written (or is being written)."""
-        return i in self._pending
-
     def full(self, length: int) -> bool:
         """Whether a receiver of `length` more bytes must wait for pending writes."""
         return bool(self._pending) and self._pending_bytes + length > PENDING_LIMIT

@@ -161,6 +161,14 @@ async def test_budget_used_off(world):
     assert "off by -4096" in broken(cache, budget_exact=False)  # never less
 
 
+async def test_unrecorded_budget_against_the_chunks_shares(world):
+    cache, blob = world
+    cache.unrecorded.held += 4096  # held by no chunk
+    assert "unrecorded.held is" in broken(cache)
+    cache.unrecorded.held -= 4096
+    check_invariants(cache)
+
+
 async def test_memory_and_index_disagree(world):
     cache, blob = world
     cache.index.mark_absent(blob.digest, [7])  # behind the open blob's back
