@@ -78,7 +78,7 @@ _READABLE = frozenset({S.PENDING, S.WRITTEN, S.RECORDED})
 _LANDED = frozenset({S.PENDING_LANDED, S.WRITTEN_LANDED, S.LANDED})
 _PRESENT = frozenset({S.RECORDED, S.LANDED})
 _PENDING = frozenset({S.PENDING, S.PENDING_LANDED})
-_IN_FILE = frozenset(State) - {S.ABSENT}
+_UNRECORDED = frozenset(State) - {S.ABSENT} - _PRESENT
 
 # transition -> {from: to}
 _MOVES = {
@@ -164,7 +164,7 @@ class ChunkStates:
 
     def unrecorded(self, i: int) -> bool:
         """In the file (or on its way) and not recorded yet."""
-        return self._slots[i].state in _IN_FILE - _PRESENT
+        return self._slots[i].state in _UNRECORDED
 
     def complete(self) -> bool:
         return all(s.state in _PRESENT for s in self._slots)

@@ -102,7 +102,7 @@ def check_invariants(cache, *, unadopted: bool = False, over_cap: int = 0,
     """Check a BlobCache open in this process (see the module docstring). `budget_exact=False`:
     `budget.used` may count more than the exact figure (never less): after paths that give
     bytes back without telling the budget, which its next recount corrects (a discarded blob,
-    landed chunks dropped: PartialBlob.discard and _drop_landed)."""
+    landed chunks dropped: PartialBlob.discard and LandedChecks.drop)."""
     checker = _Checker(cache.root, cache.index, verify_bytes, unadopted)
     checker.run(live=cache, over_cap=over_cap, cap=cache.budget.cap, leftover=None,
                 budget_exact=budget_exact)

@@ -1,43 +1,50 @@
-"""A blob being materialized: a sparse file outside `blobs/`, filled chunk by chunk.
+"""A blob being materialized: a sparse file outside `blobs/`, filled chunk by chunk. The facade
+the rest of the code uses; what it holds lives in small modules around it:
+
+  chunkstate.py   every chunk's state (absent, pending, written, recorded, landed), one state
+                  machine per chunk, with its share of the unrecorded budget
+  sealer.py       the whole-blob hash, built in file order as chunks come in
+  writeback.py    the file: writes behind (O_DIRECT), reads, holes, the write lock
+  groupsync.py    fdatasync in batches, and the unrecorded budget
+  landedcheck.py  landed chunks (a pull's, never checked on their own) checked when needed
 
 Life cycle: in progress (file in `partial/`), sealed (the same file renamed into `blobs/`, the
 object kept with its fd), and back to in progress when the disk budget evicts one of its chunks
-(`unseal`, then `evict_chunk` punches a hole).
+(`unseal`, then `evict_chunk` punches a hole). A blob replaced by a new chunk list, or
+discarded, is `retire`d: it records nothing any more, its fds stay open for reads in flight
+until `close`.
 
 `PartialBlob.write_chunk` is the only door into the cache for blob bytes: a chunk comes in a
 `Receiver` (`receiver(i)`, filled by a source), whose digest is compared with the chunk digest;
 only then is it `readable`, and `commit_chunk` writes it at its final offset, makes it durable
-and records it in the index (`present`). When every chunk is present, `seal` checks the whole-file sha256 against
-the manifest digest and only then moves the file into `blobs/`.
+and records it in the index (`present`). When every chunk is present, `seal` checks the
+whole-file sha256 against the manifest digest and only then moves the file into `blobs/`.
 
-Checked as a whole (`check_whole`, a pull): nobody reads the blob before its seal, so the
-chunks a pull receives are not hashed on their own. They are `landed` (in the file, recorded in
-the index as LANDED), not `readable`, and the sealer's hash is the only one each byte gets. A
-matching seal verifies them all. A mismatch checks each landed chunk against its own digest;
-the ones that fail are dropped (LandedChunksBad: fetch them again, checked on their own), and
-if none fails, the chunk list lied (SealMismatch, as ever). A landed chunk found on reopen by
-anyone else (a pull that stopped; a mount after it) is served only after `verify_landed`.
+Checked as a whole (`check_whole`, a pull): the chunks a pull receives are not hashed on their
+own but `landed`, for the seal to check; a landed chunk is served only once checked
+(landedcheck.py: `verify_landed`, and what a seal that does not match does).
 
 Concurrency contract (trio):
-- All state (`readable`, `present`, the sealer position, the index) changes on the trio thread.
+- All state (the chunk states, the sealer's position, the index) changes on the trio thread.
 - Threads get an fd, bytes and (under the sealer's lock) its hasher: hashing, pwrite, pread
   and fdatasync run via `trio.to_thread.run_sync(..., limiter=self._limiter)`.
 - Several tasks may fetch different chunks at once; the caller guarantees that one chunk has
   at most one writer at a time (single-flight lives in the fetcher).
-- Chunk bytes come as a `Receiver` (cache/chunkbuf.py) that the fetcher filled in its
-  thread while our hasher took each piece. A received chunk is readable as soon as it is
-  verified (its reader is served from the buffer) and written behind by `commit_chunk`
-  (cache/writeback.py: the file, its write lock, the pending writes, PENDING_LIMIT).
-- The sealer (cache/sealer.py: its hash, position, lock and kept buffers) hashes the chunks
-  strictly in file order, driven from `commit_chunk` and `seal`.
+- A received chunk is readable as soon as it is verified (its reader is served from the buffer
+  it was received into) and written behind by `commit_chunk` (writeback.py: the write lock, the
+  pending writes, PENDING_LIMIT); a failed write makes it absent again.
+- The sealer hashes the chunks strictly in file order, driven from `commit_chunk` (before the
+  batched fdatasync, so the buffers kept for it are let go soon) and from `seal`; it waits
+  while the mount's readers are served (sealer.py: EARLY_LIMIT, SEALER_PATIENCE).
 - What a crash costs is bounded in bytes, not only in time: a chunk takes room in the cache's
   `UnrecordedBudget` (one for all its blobs) just before it enters its blob (write_chunk, after
-  `Sealer.room_for`) and gives it back once it is recorded, or leaves the file. A chunk that finds
-  no room waits, with the fetch holding it (so a reader waits for the disk only when the link
-  outruns it by the budget); whoever takes a chunk in commits it, and its commit's sync is
-  what makes the room. Each blob's GroupSync syncs at its interval, or at once when the budget
-  is pressed, and records every chunk the sync covered in the same trio step
-  (`_record_durable`): none is left durable but unrecorded while its commit task waits to run.
+  `Sealer.room_for`) and gives it back once it is recorded, or leaves the file (its share,
+  chunkstate.py). A chunk that finds no room waits, with the fetch holding it (so a reader
+  waits for the disk only when the link outruns it by the budget); whoever takes a chunk in
+  commits it, and its commit's sync is what makes the room. Each blob's GroupSync syncs at its
+  interval, or at once when the budget is pressed, and records every chunk the sync covered in
+  the same trio step (`_record_durable`): none is left durable but unrecorded while its commit
+  task waits to run.
 """
 
 from __future__ import annotations
@@ -53,13 +60,14 @@ from .chunkbuf import BufferPool, ChunkBuffer, Receiver
 from .chunks import Chunk, check_coverage
 from .chunkstate import ChunkStates
 from .digests import digest_hex
-from .errors import ChunkDigestMismatch, LandedChunksBad, SealInterrupted, SealMismatch
+from .errors import ChunkDigestMismatch, SealInterrupted, SealMismatch
 from .groupsync import GroupSync, UnrecordedBudget
 from .index import ChunkIndex
+from .landedcheck import LandedChecks
 from .readers import ReaderActivity
 from .sealer import Sealer
 from .store import fsync_dir
-from .units import digest_of, part_lengths
+from .units import part_lengths
 from .writeback import WriteBack
 
 log = logging.getLogger(__name__)
@@ -92,7 +100,6 @@ class PartialBlob:
         self._index = index
         self._limiter = limiter
         self._durable = durable
-        self._reserve = reserve  # async (bytes) -> None: make room under the cache's cap
         # the file and the writes behind to it (writeback.py)
         self._io = WriteBack(digest=digest, chunks=self.chunks,
                              path=final_path if sealed else path, size=size, create=not sealed,
@@ -106,9 +113,10 @@ class PartialBlob:
         # Replaced by a new chunk list, or discarded: its rows in the index are another
         # object's now (or gone), so nothing of it is recorded any more (see retire).
         self._retired = False
-        # While a seal checks the landed chunks (_check_landed): the ones dropped as corrupt
-        # since it began, by it or by a reader (verify_landed). None otherwise.
-        self._dropped_in_check: set[int] | None = None
+        self._landed = LandedChecks(digest=digest, chunks=self.chunks, states=self._states,
+                                    sealer=self._sealer, io=self._io, index=index,
+                                    pool=self._pool, limiter=limiter,
+                                    retired=lambda: self._retired)
         self._starts = [c.start for c in self.chunks]
         self.sealed = sealed
 
@@ -176,72 +184,7 @@ class PartialBlob:
         not (or no longer) a landed chunk."""
         if not self.landed[i] or self.check_whole or self.chunks[i].digest is None:
             return None
-        buf, ok = await self._load_checked(i)
-        if not self.landed[i]:  # evicted (or checked by a seal) meanwhile
-            self._pool.release(buf)
-            return None
-        if not ok:
-            self._pool.release(buf)
-            log.warning("landed chunk %d of %s does not match its digest; fetching it again",
-                        i, self.digest[:19])
-            await self._drop_landed([i])
-            return None
-        self._mark_verified([i])
-        return buf
-
-    async def _load_checked(self, i: int) -> tuple[ChunkBuffer, bool]:
-        """Chunk `i` read back from the file (a buffer the caller releases), and whether it
-        matches its own digest."""
-        buf = await self.load_chunk(i)
-        try:
-            actual = await trio.to_thread.run_sync(digest_of, self.chunks[i], buf,
-                                                   limiter=self._limiter)
-        except BaseException:
-            self._pool.release(buf)
-            raise
-        return buf, actual == self.chunks[i].digest
-
-    def _mark_verified(self, indexes: list[int]) -> None:
-        """Landed chunks checked (on their own, or by the whole blob's digest): readable."""
-        for i in indexes:
-            self._states.checked(i)
-        if not self._retired:
-            self._index.mark_present(self.digest, indexes)
-
-    def _unland(self, i: int) -> None:
-        """Landed chunk `i` is to be written again (checked), or dropped: not in the file until
-        then, and out of the sealer's hash if it took the old bytes in."""
-        self._states.dropped(i)
-        self._sealer.drop_early(i)
-        self._sealer.forget_hashed(i)
-
-    async def _drop_landed(self, indexes: list[int]) -> list[int]:
-        """Landed chunks that failed their own digest: absent again, their bytes (which the
-        sealer may have hashed) out of the file and out of its hash. Only the ones still landed
-        when it runs: one that a reader (or the seal) dropped or checked meanwhile may be in
-        the file again, fetched and verified since. Returns the chunks it dropped."""
-        # The caller found these corrupt some awaits ago; a reader may have dropped one since
-        # and fetched it again. So, under the write lock that every write to the file takes
-        # (_write): decide (still landed?) and take them out of the state in one trio step,
-        # then punch without letting go. A chunk fetched again meanwhile, even while a punch
-        # runs in its thread, is written only after the last punch, never under a hole. One
-        # that is in the file again when its turn comes (readable, its write behind pending on
-        # this lock) is not punched: its own write replaces the old bytes. Nothing but the
-        # punches is awaited under the lock (no deadlock with _reserve's evictions).
-        async with self._io.lock:
-            dropped = [i for i in indexes if self.landed[i]]
-            if not dropped:
-                return dropped
-            for i in dropped:
-                self._unland(i)
-            self._index.mark_absent(self.digest, dropped)  # durable before the holes
-            if self._dropped_in_check is not None:
-                self._dropped_in_check.update(dropped)
-            for i in dropped:
-                if self.in_file(i):
-                    continue
-                await self._io.punch(i)
-        return dropped
+        return await self._landed.verify(i)
 
     async def load_chunk(self, i: int) -> ChunkBuffer:
         """Chunk `i` read back from the file into a buffer (the caller releases it). The
@@ -274,7 +217,7 @@ class PartialBlob:
                 f"chunk {i} ({chunk.start}-{chunk.end - 1}) of {self.digest[:19]}...: "
                 f"sha256 {actual[7:19]}... does not match {what}")
         if self.landed[i] and not unchecked:
-            self._unland(i)  # checked bytes take the place of the unchecked ones
+            self._landed.unland(i)  # checked bytes take the place of the unchecked ones
         if self.in_file(i):
             return False  # (checked all the same: the caller may serve what it fetched)
         # Write behind: readable now (the caller serves it from its buffer), written to the
@@ -416,7 +359,8 @@ class PartialBlob:
                                   f"sealed once it is complete again")
         actual = self._sealer.hexdigest()
         if actual != self.digest and any(self.landed):
-            await self._check_landed(actual)  # raises
+            self.check_whole = False  # from now on every chunk is checked on its own
+            await self._landed.check_all(actual)  # raises, unless none is corrupt
         if actual != self.digest:
             log.error("SEAL MISMATCH for blob %s: every chunk verified, but the blob hashes to %s. "
                       "The chunk list was wrong; discarding the partial blob.",
@@ -430,7 +374,7 @@ class PartialBlob:
             raise RuntimeError(f"blob {self.digest[:19]} lost a chunk while being sealed")
         landed = [i for i, here in enumerate(self.landed) if here]
         if landed:
-            self._mark_verified(landed)  # by the whole blob's digest
+            self._landed.mark_verified(landed)  # by the whole blob's digest
         os.chmod(self.path, 0o644)
         os.replace(self.path, self.final_path)
         st = os.fstat(self._io.fd)
@@ -443,43 +387,6 @@ class PartialBlob:
         self.sealed = True
         log.info("sealed %s (%d bytes)", self.digest, self.size)
         return self.final_path
-
-    async def _check_landed(self, actual: str) -> None:
-        """The whole blob did not match and some chunks were never checked on their own: check
-        them now, from the file. Raises LandedChunksBad for the ones that fail (dropped: fetch
-        them again; from now on every chunk is checked on its own); returns if none did."""
-        self.check_whole = False
-        # A reader may check a landed chunk meanwhile (verify_landed), drop it as corrupt and
-        # fetch it again between two awaits of this loop: its state when the loop reaches it,
-        # or at the end, does not tell whether it was bad. So drops are counted as they happen
-        # (_dropped_in_check) and such a chunk is blamed all the same (it explains the
-        # mismatch: no SealMismatch), while `_drop_landed` punches only what is still landed.
-        # (Nothing is evicted while this runs: `sealing`.)
-        found = []  # corrupt, found here
-        dropped = self._dropped_in_check = set()
-        try:
-            for i in [i for i, here in enumerate(self.landed) if here]:
-                if not self.landed[i]:
-                    continue  # a reader checked it meanwhile (and dropped it if bad)
-                buf, ok = await self._load_checked(i)
-                self._pool.release(buf)
-                if not self.landed[i]:
-                    continue  # likewise, while we read it
-                if ok:
-                    self._mark_verified([i])
-                else:
-                    found.append(i)
-            if found:
-                await self._drop_landed(found)
-        finally:
-            self._dropped_in_check = None
-        bad = sorted(dropped.union(found))
-        if not bad:
-            return  # every chunk matches its digest: the chunk list is what is wrong
-        log.warning("blob %s hashed to %s, not its digest: %d of its chunks did not match their "
-                    "own digests and are fetched again", self.digest[:19], actual[:19], len(bad))
-        raise LandedChunksBad(f"{len(bad)} chunks of {self.digest[:19]} were corrupt "
-                              f"(first: chunk {bad[0]}); they must be fetched again", bad)
 
     def unseal(self) -> None:
         """Move a sealed blob back to the in-progress state, before it loses a chunk (`blobs/`

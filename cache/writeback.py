@@ -16,7 +16,7 @@ statvfs) must not be taken by another write before this one lands; and on a full
 a writer that is not alone takes the room another one's eviction just freed, so the write is
 tried once more under the lock after the budget freed room for it, and its range is punched if
 that fails too (CacheFull). The blob punches the holes of corrupt landed chunks under the same
-lock (`PartialBlob._drop_landed`), so no hole lands on a chunk fetched again meanwhile.
+lock (`LandedChecks.drop`, landedcheck.py), so no hole lands on a chunk fetched again meanwhile.
 
 Where a filesystem refuses direct I/O (tmpfs), the first refused write turns it off for the
 file: the ordinary fd is used from then on (directio.py).

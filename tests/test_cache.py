@@ -396,7 +396,7 @@ async def test_a_receiver_does_not_wait_for_ever_for_a_sealer_that_cannot_move(c
 
 
 # A landed chunk is corrupted on purpose; dropping it gives its bytes back without telling the
-# budget (PartialBlob._drop_landed), which counts them until its next recount.
+# budget (LandedChecks.drop), which counts them until its next recount.
 @pytest.mark.invariants(budget_exact=False)
 @pytest.mark.parametrize("reader_steps", [0, 1, 2, 4, 8, 16])
 async def test_a_reader_dropping_a_corrupt_landed_chunk_during_a_seal_blames_the_chunk(
@@ -491,14 +491,14 @@ def _gate_checks(monkeypatch, blob, at):
     entered[i] and waits for go[i]; a reader's check of a chunk not in `at` goes on."""
     entered = {i: trio.Event() for i in at}
     go = {i: trio.Event() for i in at}
-    real = blob._load_checked
+    real = blob._landed.load_checked
 
     async def load_checked(i):
         if i in at:
             entered[i].set()
             await go[i].wait()
         return await real(i)
-    monkeypatch.setattr(blob, "_load_checked", load_checked)
+    monkeypatch.setattr(blob._landed, "load_checked", load_checked)
     return entered, go
 
 
@@ -520,7 +520,7 @@ async def _assert_served_and_sealed(blob, cache, data, chunks, i):
 
 
 # Landed chunks corrupted on purpose; dropping them gives their bytes back without telling the
-# budget (PartialBlob._drop_landed), which counts them until its next recount.
+# budget (LandedChecks.drop), which counts them until its next recount.
 @pytest.mark.invariants(budget_exact=False)
 @pytest.mark.parametrize("dropped", ["before the check reaches it", "after the check failed it"])
 async def test_a_chunk_a_reader_drops_and_fetches_again_during_the_check_is_not_punched(
@@ -581,7 +581,7 @@ async def test_a_chunk_a_reader_drops_and_fetches_again_during_the_check_is_not_
 
 
 # Landed chunks corrupted on purpose; dropping them gives their bytes back without telling the
-# budget (PartialBlob._drop_landed), which counts them until its next recount.
+# budget (LandedChecks.drop), which counts them until its next recount.
 @pytest.mark.invariants(budget_exact=False)
 async def test_a_chunk_fetched_again_while_the_check_punches_holes_keeps_its_bytes(
         tmp_path, monkeypatch):

@@ -209,7 +209,7 @@ async def test_first_miss_of_a_blob_is_fetched_alone(live_registry, tmp_path):
 
 
 # A landed chunk damaged on purpose: dropping it gives its bytes back without telling the
-# budget (PartialBlob._drop_landed), which counts them until the next recount.
+# budget (LandedChecks.drop), which counts them until the next recount.
 @pytest.mark.invariants(budget_exact=False)
 async def test_landed_chunks_are_checked_before_they_are_served(live_registry, tmp_path,
                                                                 chunk_client):
