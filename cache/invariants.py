@@ -41,11 +41,11 @@ What is checked (both):
   (check_cache_dir; None: any; a clean unmount records everything it wrote, so `clean=True`
   allows none). They count against the cap like any other bytes on disk.
 
-Live only (check_invariants), the in-memory states of the blobs open in the cache:
-- present in memory => recorded in the index, as LANDED exactly when landed in memory (both
-  change in the same trio step, so nothing is allowed here), and in the file (readable or
-  landed), never both readable and landed (a landed chunk is unchecked: readable would serve
-  it, invariant 1);
+Live only (check_invariants), the in-memory states of the blobs open in the cache (one state per
+chunk, cache/chunkstate.py: so a chunk is never both readable and landed, nor present and not in
+the file, by construction):
+- present in memory (RECORDED or LANDED) => recorded in the index, as LANDED exactly when
+  landed in memory (both change in the same trio step, so nothing is allowed here);
 - recorded in the index but not present in memory: only LANDED, with the chunk no longer
   landed in memory: `write_chunk` replaced the unchecked bytes by checked ones and their commit
   records them VERIFIED (until then the row says "check before serving", so nothing unchecked
@@ -53,6 +53,9 @@ Live only (check_invariants), the in-memory states of the blobs open in the cach
 - readable but not present is normal (verified, written or pending, not yet durable or
   recorded); such chunks that are not pending are in the file and must hold their bytes too;
   an open blob with no rows at all is allowed only while it claims no chunk (a discarded blob);
+- the cache's `unrecorded.held` is exactly the sum of the budget shares its blobs' chunks
+  hold (open and retired ones: a retired blob's commits may still run), and only chunks in the
+  file and not recorded hold one;
 - `budget.used` is what DiskBudget._resync would count (the index's present bytes plus the
   chunks in the files of open blobs but not recorded) plus the unrecorded chunks still whole in
   the files of blobs no longer open (counted when written, on disk until reopened). Transiently
@@ -99,7 +102,7 @@ def check_invariants(cache, *, unadopted: bool = False, over_cap: int = 0,
     """Check a BlobCache open in this process (see the module docstring). `budget_exact=False`:
     `budget.used` may count more than the exact figure (never less): after paths that give
     bytes back without telling the budget, which its next recount corrects (a discarded blob,
-    landed chunks dropped: PartialBlob.discard and _drop_landed)."""
+    landed chunks dropped: PartialBlob.discard and LandedChecks.drop)."""
     checker = _Checker(cache.root, cache.index, verify_bytes, unadopted)
     checker.run(live=cache, over_cap=over_cap, cap=cache.budget.cap, leftover=None,
                 budget_exact=budget_exact)
@@ -223,6 +226,7 @@ class _Checker:
                          else ""))
         if live is not None:
             self._budget(live, budget_exact)
+            self._shares(live)
         if cap is not None and over_cap is not None:
             allowed = cap + over_cap + self.slack
             if live is not None:
@@ -351,41 +355,35 @@ class _Checker:
         """Compare an open blob's states with its rows; returns the chunks that must hold
         their bytes in the file and the chunks the budget counts as on disk."""
         expect, counted = [], set()
-        pending = getattr(blob, "_pending", {})
         if len(blob.chunks) != len(chunks) or blob.chunks != chunks:
             self.fail(f"blob {_short(digest)}: the open blob's chunk list is not the index's")
             recorded = [i for i, p in enumerate(present) if p]
             return recorded, set(recorded)
+        states = blob._states
         for i, chunk in enumerate(chunks):
-            mem_present, readable, landed = blob.present[i], blob.readable[i], blob.landed[i]
+            mem_present, landed = states.is_present(i), states.is_landed(i)
+            in_file = states.in_file(i)
             row = present[i]
             at = _where(digest, i, chunk)
-            if readable and landed:
-                self.fail(f"{at}: both readable and landed in memory (a landed chunk is "
-                          f"unchecked)")
             if mem_present:
                 if not row:
                     self.fail(f"{at}: present in memory but not recorded in the index")
                 elif (row == LANDED) != landed:
                     self.fail(f"{at}: recorded {_NAMES.get(row, row)} but "
                               f"{'landed' if landed else 'verified'} in memory")
-                if not (readable or landed):
-                    self.fail(f"{at}: present in memory but not in the file (neither readable "
-                              f"nor landed)")
             elif row and not (row == LANDED and not landed):
                 self.fail(f"{at}: recorded {_NAMES.get(row, row)} in the index but not present "
                           f"in memory")
             if mem_present and row:
                 expect.append(i)
-            elif (readable or landed) and not mem_present and i not in pending:
+            elif in_file and not mem_present and not states.is_pending(i):
                 expect.append(i)  # written, waiting for its sync: in the file already
-            if row or readable or landed:
+            if row or in_file:
                 counted.add(i)  # (pending ones too: about to be in the file)
         return expect, counted
 
     def _open_without_rows(self, digest, blob) -> None:
-        claimed = [i for i in range(len(blob.chunks))
-                   if blob.present[i] or blob.readable[i] or blob.landed[i]]
+        claimed = [i for i in range(len(blob.chunks)) if blob._states.in_file(i)]
         if claimed:
             self.fail(f"blob {_short(digest)} is open with chunks in memory (first: chunk "
                       f"{claimed[0]}) but the index has no rows for it")
@@ -490,8 +488,9 @@ class _Checker:
             for i, chunk in enumerate(blob.chunks):
                 if blob.in_file(i) and not blob.present[i]:
                     unrecorded += chunk.length
-            pending += sum(blob.chunks[i].length for i in getattr(blob, "_pending", {}))
-            if blob._write_lock.locked():
+            pending += sum(c.length for i, c in enumerate(blob.chunks)
+                           if blob._states.is_pending(i))
+            if blob._io.lock.locked():
                 writing += max(c.length for c in blob.chunks)
         # (+ chunks left unrecorded in the files of blobs no longer open: counted when they
         # were written, on disk until the blob is opened again, _free_absent)
@@ -502,21 +501,33 @@ class _Checker:
                       f"{budget.used - expected:+d}; allowed: -{pending} for pending writes, "
                       f"+{writing} for writes under way)")
 
+    def _shares(self, cache) -> None:
+        """The unrecorded budget against the shares the chunks hold (chunkstate.py)."""
+        shares = 0
+        for blob in [*cache._open.values(), *cache._retired]:
+            states = blob._states
+            for i, chunk in enumerate(blob.chunks):
+                share = states.share(i)
+                shares += share
+                if share and not states.unrecorded(i):
+                    self.fail(f"{_where(blob.digest, i, chunk)}: holds {share} bytes of the "
+                              f"unrecorded budget but is {states.state(i).value}")
+        if cache.unrecorded.held != shares:
+            self.fail(f"unrecorded.held is {cache.unrecorded.held}, but the chunks' shares "
+                      f"make {shares}")
+
     def _unevictable(self, cache) -> int:
         """Bytes the budget could not evict right now (see the module docstring)."""
         budget, total = cache.budget, 0
         for digest, blob in cache._open.items():
-            locked = blob._seal_lock.locked()
-            hashed = getattr(blob, "_hashed_upto", 0)
-            pending = getattr(blob, "_pending", {})
             largest = max(c.length for c in blob.chunks)
             for i, chunk in enumerate(blob.chunks):
                 if not blob.in_file(i):
                     continue
-                if budget.pinned(digest, i) or blob.sealing or i in pending or (
-                        locked and not (chunk.digest is not None and i < hashed)):
+                if budget.pinned(digest, i) or blob.sealing or blob._states.is_pending(i) or \
+                        blob._sealer.may_be_reading(i):
                     total += chunk.length
-            if blob._write_lock.locked():
+            if blob._io.lock.locked():
                 total += largest
         for digest, i in list(budget._pins):  # pins of blobs not open as a PartialBlob
             if digest in cache._open:

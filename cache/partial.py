@@ -1,117 +1,76 @@
-"""A blob being materialized: a sparse file outside `blobs/`, filled chunk by chunk.
+"""A blob being materialized: a sparse file outside `blobs/`, filled chunk by chunk. The facade
+the rest of the code uses; what it holds lives in small modules around it:
+
+  chunkstate.py   every chunk's state (absent, pending, written, recorded, landed), one state
+                  machine per chunk, with its share of the unrecorded budget
+  sealer.py       the whole-blob hash, built in file order as chunks come in
+  writeback.py    the file: writes behind (O_DIRECT), reads, holes, the write lock
+  groupsync.py    fdatasync in batches, and the unrecorded budget
+  landedcheck.py  landed chunks (a pull's, never checked on their own) checked when needed
 
 Life cycle: in progress (file in `partial/`), sealed (the same file renamed into `blobs/`, the
 object kept with its fd), and back to in progress when the disk budget evicts one of its chunks
-(`unseal`, then `evict_chunk` punches a hole).
+(`unseal`, then `evict_chunk` punches a hole). A blob replaced by a new chunk list, or
+discarded, is `retire`d: it records nothing any more, its fds stay open for reads in flight
+until `close`.
 
-`PartialBlob.write_chunk` is the only door into the cache for blob bytes: it hashes the chunk
-and compares it with the chunk digest, and only then writes it at its final offset, where it
-becomes `readable`. `commit_chunk` makes it durable and records it in the index (`present`);
-`put_chunk` does both. When every chunk is present, `seal` checks the whole-file sha256 against
-the manifest digest and only then moves the file into `blobs/`.
+`PartialBlob.write_chunk` is the only door into the cache for blob bytes: a chunk comes in a
+`Receiver` (`receiver(i)`, filled by a source), whose digest is compared with the chunk digest;
+only then is it `readable`, and `commit_chunk` writes it at its final offset, makes it durable
+and records it in the index (`present`). When every chunk is present, `seal` checks the
+whole-file sha256 against the manifest digest and only then moves the file into `blobs/`.
 
-Checked as a whole (`check_whole`, a pull): nobody reads the blob before its seal, so the
-chunks a pull receives are not hashed on their own. They are `landed` (in the file, recorded in
-the index as LANDED), not `readable`, and the sealer's hash is the only one each byte gets. A
-matching seal verifies them all. A mismatch checks each landed chunk against its own digest;
-the ones that fail are dropped (LandedChunksBad: fetch them again, checked on their own), and
-if none fails, the chunk list lied (SealMismatch, as ever). A landed chunk found on reopen by
-anyone else (a pull that stopped; a mount after it) is served only after `verify_landed`.
+Checked as a whole (`check_whole`, a pull): the chunks a pull receives are not hashed on their
+own but `landed`, for the seal to check; a landed chunk is served only once checked
+(landedcheck.py: `verify_landed`, and what a seal that does not match does).
 
 Concurrency contract (trio):
-- All state (`readable`, `present`, the sealer position, the index) changes on the trio thread.
-- Threads get an fd, bytes and (under `_seal_lock`) the sealer's hasher: hashing, pwrite, pread
+- All state (the chunk states, the sealer's position, the index) changes on the trio thread.
+- Threads get an fd, bytes and (under the sealer's lock) its hasher: hashing, pwrite, pread
   and fdatasync run via `trio.to_thread.run_sync(..., limiter=self._limiter)`.
 - Several tasks may fetch different chunks at once; the caller guarantees that one chunk has
-  at most one writer at a time (single-flight lives in the fetcher). The writes themselves go
-  one at a time per file (`_write_lock`): concurrent ones would only contend, and on a full
-  disk one writer would take the room another's eviction just freed. Dropping corrupt landed
-  chunks punches under it too, so no hole lands on a chunk fetched again (`_drop_landed`).
-- Chunk bytes come either as bytes (hashed here) or as a `Receiver` (cache/chunkbuf.py) that
-  the fetcher filled in its thread while our hasher took each piece. A received chunk is
-  readable as soon as it is verified (its reader is served from the buffer) and written behind
-  by `commit_chunk`, from its page-aligned buffer with O_DIRECT, so the cache file's page cache
-  is not filled and no reader waits for the disk; `read`, `load_chunk` (direct too) and the
-  sealer wait for a pending write, eviction skips it, and at most PENDING_LIMIT bytes per blob
-  wait to be written (a receiver beyond it waits). A failed write makes the chunk unreadable
-  again (it is fetched again when wanted).
-- The sealer hashes readable chunks strictly in file order under `_seal_lock`, from the chunk
-  buffers kept for it (`_early`, at most EARLY_LIMIT bytes, each holding a buffer ref) or read
-  back from disk when they were not kept. It is driven from `commit_chunk`, before the batched
-  fdatasync, so kept buffers are let go soon, and waits while the mount's readers (readers.py) are
-  being served (a mount sets it); `seal` itself never waits. It hashes in the cache's
-  low-priority thread when there is one. After a restart it starts again from offset 0.
+  at most one writer at a time (single-flight lives in the fetcher).
+- A received chunk is readable as soon as it is verified (its reader is served from the buffer
+  it was received into) and written behind by `commit_chunk` (writeback.py: the write lock, the
+  pending writes, PENDING_LIMIT); a failed write makes it absent again.
+- The sealer hashes the chunks strictly in file order, driven from `commit_chunk` (before the
+  batched fdatasync, so the buffers kept for it are let go soon) and from `seal`; it waits
+  while the mount's readers are served (sealer.py: EARLY_LIMIT, SEALER_PATIENCE).
 - What a crash costs is bounded in bytes, not only in time: a chunk takes room in the cache's
   `UnrecordedBudget` (one for all its blobs) just before it enters its blob (write_chunk, after
-  `_room_for`) and gives it back once it is recorded, or leaves the file. A chunk that finds
-  no room waits, with the fetch holding it (so a reader waits for the disk only when the link
-  outruns it by the budget); whoever takes a chunk in commits it, and its commit's sync is
-  what makes the room. Each blob's GroupSync syncs at its interval, or at once when the budget
-  is pressed, and records every chunk the sync covered in the same trio step
-  (`_record_durable`): none is left durable but unrecorded while its commit task waits to run.
+  `Sealer.room_for`) and gives it back once it is recorded, or leaves the file (its share,
+  chunkstate.py). A chunk that finds no room waits, with the fetch holding it (so a reader
+  waits for the disk only when the link outruns it by the budget); whoever takes a chunk in
+  commits it, and its commit's sync is what makes the room. Each blob's GroupSync syncs at its
+  interval, or at once when the budget is pressed, and records every chunk the sync covered in
+  the same trio step (`_record_durable`): none is left durable but unrecorded while its commit
+  task waits to run.
 """
 
 from __future__ import annotations
 
 import bisect
-import errno
-import hashlib
 import logging
 import os
 import pathlib
 
 import trio
 
-from .buffers import feed, punch_hole, pwrite_all
 from .chunkbuf import BufferPool, ChunkBuffer, Receiver
 from .chunks import Chunk, check_coverage
-from .directio import load, open_direct, write_received
+from .chunkstate import ChunkStates
 from .digests import digest_hex
-from .errors import (CacheFull, ChunkDigestMismatch, LandedChunksBad, SealInterrupted,
-                     SealMismatch)
+from .errors import ChunkDigestMismatch, SealInterrupted, SealMismatch
 from .groupsync import GroupSync, UnrecordedBudget
-from .index import LANDED, ChunkIndex
+from .index import ChunkIndex
+from .landedcheck import LandedChecks
 from .readers import ReaderActivity
+from .sealer import Sealer
 from .store import fsync_dir
-from .units import digest_of, part_lengths
+from .units import part_lengths
+from .writeback import WriteBack
 
 log = logging.getLogger(__name__)
-
-# Bytes of chunks kept in memory for the sealer until it hashes them, per blob: enough for the
-# chunks that concurrent fetches finish ahead of the one it waits for.
-EARLY_LIMIT = 48 << 20
-# Bytes of received chunks verified but not yet written, per blob; a receiver waits beyond it.
-PENDING_LIMIT = 64 << 20
-# A receiver waits for the sealer to come closer at most this long without it moving.
-SEALER_PATIENCE = 1.0
-
-
-def pread_exact(fd: int, length: int, offset: int) -> bytes:
-    parts, want = [], length
-    while want:
-        piece = os.pread(fd, want, offset)
-        if not piece:
-            raise EOFError(f"unexpected end of cache file at offset {offset}")
-        parts.append(piece)
-        want -= len(piece)
-        offset += len(piece)
-    return parts[0] if len(parts) == 1 else b"".join(parts)
-
-
-def _verify_and_feed(data, chunk: Chunk, hasher) -> str | None:
-    """sha256 of a chunk (when it has a digest) and, if it matches, the same bytes into the
-    whole-blob hasher: one thread trip, the bytes hot in the CPU cache for both."""
-    actual = digest_of(chunk, data) if chunk.digest is not None else None
-    if actual == chunk.digest:
-        feed(hasher, data)
-    return actual
-
-
-class _PendingWrite:
-    __slots__ = ("buf", "done", "started")
-
-    def __init__(self, buf: ChunkBuffer):
-        self.buf, self.done, self.started = buf, trio.Event(), False
 
 
 class PartialBlob:
@@ -124,64 +83,45 @@ class PartialBlob:
                  readers: ReaderActivity | None = None):
         self.digest, self.size = digest, size
         self.chunks = check_coverage(chunks, size)
-        # `present` as the index has it (ABSENT, VERIFIED or LANDED; or bools)
-        self.present = [bool(p) for p in present]  # durable and recorded in the index
-        self.landed = [p == LANDED for p in present]  # in the file, not verified on its own
-        self.readable = [bool(p) and p != LANDED for p in present]  # verified (maybe not
-        # written or durable yet)
         # received chunks are checked by the seal alone (module docstring); a pull sets it
         self.check_whole = check_whole and self.has_chunk_digests
-        self._generation = [0] * len(chunks)  # GroupSync generation of each chunk's write
-        # The cache's budget of unrecorded bytes (shared by its blobs), and our share of it:
-        # chunk -> bytes, from admission (write_chunk) until recorded or out of the file.
+        # The cache's budget of unrecorded bytes (shared by its blobs), and every chunk's state
+        # with its share of that budget and the generation of its write (chunkstate.py), from
+        # `present` as the index has it (ABSENT, VERIFIED or LANDED; or bools).
         self._unrecorded = unrecorded or UnrecordedBudget()
-        self._counted: dict[int, int] = {}
-        self._unsynced: dict[int, int] = {}  # written chunk -> generation, until a sync
-        self._early: dict[int, object] = {}  # chunks written ahead of the sealer, kept for it
-        # Received chunks verified and readable (from memory) whose write to the file is still
-        # to come (write behind: `commit_chunk` does it); file reads of them wait for it.
-        self._pending: dict[int, _PendingWrite] = {}
-        self._pending_bytes = 0
-        self._pending_changed = trio.Event()
-        self._sealer_stalled = False  # it did not move for a while: receivers go on without it
+        self._states = ChunkStates([c.length for c in self.chunks], present, self._unrecorded)
+        # Queries of those states, as read-only lists: recorded in the index (durable);
+        # verified (maybe not written or durable yet); in the file, not verified on its own.
+        self.present = self._states.present
+        self.readable = self._states.readable
+        self.landed = self._states.landed
         self._pool = pool or BufferPool()
-        self._hash_thread = hash_thread  # a LowPriorityThread (lowprio.py) for the sealer, or None
-        # A mount's readers (readers.py): while they are being served, the sealer waits (it
-        # would compete with them for the CPU) and catches up when they pause or at the seal.
-        # None in a pull, where the seal is what everyone waits for.
-        self._readers = readers
-        self._early_bytes = 0
         self.path, self.final_path = path, final_path
         self._index = index
         self._limiter = limiter
         self._durable = durable
-        self._reserve = reserve  # async (bytes) -> None: make room under the cache's cap
-        # a sealed blob must exist (never create an empty one in blobs/)
-        self._fd = os.open(final_path, os.O_RDWR) if sealed else \
-            os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        if os.fstat(self._fd).st_size != size:
-            os.ftruncate(self._fd, size)
-        self._dfd = open_direct(final_path if sealed else path)
-        self._direct = self._dfd >= 0  # False once the filesystem refused a direct write
-        self._old_fds: list[int] = []  # replaced, closed with the blob (threads may hold them)
+        # the file and the writes behind to it (writeback.py)
+        self._io = WriteBack(digest=digest, chunks=self.chunks,
+                             path=final_path if sealed else path, size=size, create=not sealed,
+                             pool=self._pool, limiter=limiter, reserve=reserve,
+                             written=self._wrote, failed=self._write_failed)
         self._sync_interval = sync_interval
         self._sync = self._group_sync()
-        self._hasher = hashlib.sha256()
-        self._hashed_upto = 0  # chunks [0, _hashed_upto) are in the sealer's hash
-        self._seal_lock = trio.Lock()
-        self._write_lock = trio.Lock()
-        self._sealing = False
+        self._sealer = Sealer(digest=digest, chunks=self.chunks, pool=self._pool,
+                              limiter=limiter, in_file=self.in_file, load=self.load_chunk,
+                              hash_thread=hash_thread, readers=readers)
         # Replaced by a new chunk list, or discarded: its rows in the index are another
         # object's now (or gone), so nothing of it is recorded any more (see retire).
         self._retired = False
-        # While a seal checks the landed chunks (_check_landed): the ones dropped as corrupt
-        # since it began, by it or by a reader (verify_landed). None otherwise.
-        self._dropped_in_check: set[int] | None = None
+        self._landed = LandedChecks(digest=digest, chunks=self.chunks, states=self._states,
+                                    sealer=self._sealer, io=self._io, index=index,
+                                    pool=self._pool, limiter=limiter,
+                                    retired=lambda: self._retired)
         self._starts = [c.start for c in self.chunks]
         self.sealed = sealed
 
     def _group_sync(self) -> GroupSync:
-        return GroupSync(self._fd, self._limiter, self._sync_interval, budget=self._unrecorded,
+        return GroupSync(self._io.fd, self._limiter, self._sync_interval, budget=self._unrecorded,
                          on_durable=self._record_durable)
 
     @property
@@ -195,14 +135,9 @@ class PartialBlob:
         return sum(c.length for c, here in zip(self.chunks, self.present) if here)
 
     def close(self) -> None:
-        self._clear_early()
-        for i in list(self._counted):  # nobody records them any more
-            self._settle(i)
-        for fd in (self._fd, self._dfd, *self._old_fds):
-            if fd >= 0:
-                os.close(fd)
-        self._fd = self._dfd = -1
-        self._old_fds.clear()
+        self._sealer.clear_early()
+        self._states.uncount_all()  # nobody records them any more
+        self._io.close()
 
     def retire(self) -> None:
         """Replaced or discarded: let go of the memory it holds now (its fds stay open for
@@ -210,13 +145,8 @@ class PartialBlob:
         nothing: its chunk indexes would name rows of the new list (a chunk recorded over a
         hole, after a restart). What it counted as unrecorded is given back."""
         self._retired = True
-        self._clear_early()
-        for i in list(self._counted):
-            self._settle(i)
-
-    @property
-    def _direct_fd(self) -> int:
-        return self._dfd if self._direct else -1
+        self._sealer.clear_early()
+        self._states.uncount_all()
 
     def receiver(self, i: int) -> Receiver:
         """A buffer to receive chunk `i` into, hashed by us as it arrives; give it to
@@ -228,27 +158,24 @@ class PartialBlob:
 
     def forget_chunks(self) -> None:
         """No chunk is in the file any more (the caller deals with the file and the index)."""
-        n = len(self.chunks)
-        self.present, self.readable, self.landed = [False] * n, [False] * n, [False] * n
-        for i in list(self._counted):
-            self._settle(i)
-        self._unsynced.clear()
+        self._states.forget_all()
 
     def ready(self, i: int) -> bool:
         """Chunk `i` was verified: its bytes may be served (from memory until written)."""
-        return self.readable[i]
+        return self._states.is_readable(i)
 
     def fetched(self, i: int) -> bool:
         """Nothing is left to fetch for chunk `i`: it is verified or, in a blob checked as a
         whole (a pull), it landed for the seal to check."""
-        return self.readable[i] or (self.check_whole and self.landed[i])
+        return self._states.is_readable(i) or (self.check_whole and self._states.is_landed(i))
 
     def all_ready(self, indexes) -> bool:
-        return all(self.readable[i] for i in indexes)
+        is_readable = self._states.is_readable
+        return all(is_readable(i) for i in indexes)
 
     def in_file(self, i: int) -> bool:
         """Chunk `i`'s bytes are in the file (or on their way there), verified or landed."""
-        return self.readable[i] or self.landed[i]
+        return self._states.in_file(i)
 
     async def verify_landed(self, i: int) -> ChunkBuffer | None:
         """Landed chunk `i` read back and checked against its own digest. If it matches it is
@@ -257,92 +184,12 @@ class PartialBlob:
         not (or no longer) a landed chunk."""
         if not self.landed[i] or self.check_whole or self.chunks[i].digest is None:
             return None
-        buf, ok = await self._load_checked(i)
-        if not self.landed[i]:  # evicted (or checked by a seal) meanwhile
-            self._pool.release(buf)
-            return None
-        if not ok:
-            self._pool.release(buf)
-            log.warning("landed chunk %d of %s does not match its digest; fetching it again",
-                        i, self.digest[:19])
-            await self._drop_landed([i])
-            return None
-        self._mark_verified([i])
-        return buf
-
-    async def _load_checked(self, i: int) -> tuple[ChunkBuffer, bool]:
-        """Chunk `i` read back from the file (a buffer the caller releases), and whether it
-        matches its own digest."""
-        buf = await self.load_chunk(i)
-        try:
-            actual = await trio.to_thread.run_sync(digest_of, self.chunks[i], buf,
-                                                   limiter=self._limiter)
-        except BaseException:
-            self._pool.release(buf)
-            raise
-        return buf, actual == self.chunks[i].digest
-
-    def _mark_verified(self, indexes: list[int]) -> None:
-        """Landed chunks checked (on their own, or by the whole blob's digest): readable."""
-        for i in indexes:
-            self.landed[i], self.readable[i] = False, True
-        if not self._retired:
-            self._index.mark_present(self.digest, indexes)
-        for i in indexes:
-            self._settle(i)
-
-    def _unland(self, i: int) -> None:
-        """Landed chunk `i` is to be written again (checked), or dropped: not in the file until
-        then, and out of the sealer's hash if it took the old bytes in."""
-        self.landed[i] = self.present[i] = False
-        self._settle(i)
-        self._unsynced.pop(i, None)
-        self._done_with(self._pop_early(i))
-        self._forget_hashed(i)
-
-    async def _drop_landed(self, indexes: list[int]) -> list[int]:
-        """Landed chunks that failed their own digest: absent again, their bytes (which the
-        sealer may have hashed) out of the file and out of its hash. Only the ones still landed
-        when it runs: one that a reader (or the seal) dropped or checked meanwhile may be in
-        the file again, fetched and verified since. Returns the chunks it dropped."""
-        # The caller found these corrupt some awaits ago; a reader may have dropped one since
-        # and fetched it again. So, under the write lock that every write to the file takes
-        # (_write): decide (still landed?) and take them out of the state in one trio step,
-        # then punch without letting go. A chunk fetched again meanwhile, even while a punch
-        # runs in its thread, is written only after the last punch, never under a hole. One
-        # that is in the file again when its turn comes (readable, its write behind pending on
-        # this lock) is not punched: its own write replaces the old bytes. Nothing but the
-        # punches is awaited under the lock (no deadlock with _reserve's evictions).
-        async with self._write_lock:
-            dropped = [i for i in indexes if self.landed[i]]
-            if not dropped:
-                return dropped
-            for i in dropped:
-                self._unland(i)
-            self._index.mark_absent(self.digest, dropped)  # durable before the holes
-            if self._dropped_in_check is not None:
-                self._dropped_in_check.update(dropped)
-            for i in dropped:
-                if self.in_file(i):
-                    continue
-                chunk = self.chunks[i]
-                await trio.to_thread.run_sync(punch_hole, self._fd, chunk.start, chunk.length,
-                                              limiter=self._limiter)
-        return dropped
-
-    def _forget_hashed(self, i: int) -> None:
-        """Chunk `i`'s bytes, never checked on their own, are going: if the sealer took them
-        in (or may be taking them in right now, under its lock) it starts again."""
-        if i < self._hashed_upto or (i == self._hashed_upto and self._seal_lock.locked()):
-            self._restart_sealer()
+        return await self._landed.verify(i)
 
     async def load_chunk(self, i: int) -> ChunkBuffer:
         """Chunk `i` read back from the file into a buffer (the caller releases it). The
         caller has made sure it is in the file (`in_file`) and pinned."""
-        chunk = self.chunks[i]
-        await self._written([i])
-        return await load(self._pool, self._limiter, self._direct_fd, self._fd, chunk.start,
-                          chunk.length)
+        return await self._io.load(i)
 
     def hurry(self) -> None:
         """The last chunk of this run was written: make the waiting ones durable now."""
@@ -351,61 +198,18 @@ class PartialBlob:
     def release_buffer(self, buf: ChunkBuffer) -> None:
         self._pool.release(buf)
 
-    def _keep_early(self, i: int, data) -> None:
-        if isinstance(data, ChunkBuffer):
-            self._pool.hold(data)
-        self._early[i] = data
-        self._early_bytes += len(data)
-
-    def _pop_early(self, i: int):
-        data = self._early.pop(i, None)
-        if data is not None:
-            self._early_bytes -= len(data)
-        return data
-
-    def _done_with(self, data) -> None:
-        if isinstance(data, ChunkBuffer):
-            self._pool.release(data)
-
-    def _clear_early(self) -> None:
-        for i in list(self._early):
-            self._done_with(self._pop_early(i))
-
-    async def put_chunk(self, i: int, data) -> None:
-        """Verify, write, make durable and record chunk `i`. Raises ChunkDigestMismatch."""
-        await self.write_chunk(i, data)
-        await self.commit_chunk(i)
-
-    async def write_chunk(self, i: int, data) -> bool:
-        """Verify chunk `i`; from then on it may be read (it is `readable`), though it is not
-        durable or recorded yet (`commit_chunk`). `data` is the chunk's bytes (hashed here in
-        a thread, written before this returns; one that arrives in file order is fed to the
-        sealer in the same trip) or a filled `Receiver` (hashed by us as it arrived; written
-        behind, with direct I/O, by `commit_chunk`: the caller serves it from its buffer
-        meanwhile, and file reads of it wait for the write). False if it was there already."""
+    async def write_chunk(self, i: int, received: Receiver) -> bool:
+        """Verify chunk `i`, received into `received` (a filled `Receiver` from `receiver(i)`,
+        hashed by us as it arrived); from then on it may be read (it is `readable`), though it
+        is not written, durable or recorded yet: `commit_chunk` writes it behind, with direct
+        I/O, and records it. The caller serves it from its buffer meanwhile; file reads of it
+        wait for the write. False if it was there already."""
         chunk = self.chunks[i]
-        received = isinstance(data, Receiver)
-        got = data.filled if received else len(data)
-        if got != chunk.length:
-            raise ChunkDigestMismatch(
-                f"chunk {i} of {self.digest[:19]}: got {got} bytes, expected {chunk.length}")
-        actual, checked, fed = None, received, False
-        unchecked = received and self.check_whole  # the seal checks it (a pull)
-        if received:
-            actual = data.digest()
-        elif self.readable[i]:
-            checked = chunk.digest is None
-        elif i == self._hashed_upto and not self._seal_lock.locked():
-            async with self._seal_lock:
-                if i == self._hashed_upto:
-                    actual = await trio.to_thread.run_sync(
-                        _verify_and_feed, data, chunk, self._hasher, limiter=self._limiter)
-                    checked = True
-                    fed = actual == chunk.digest
-                    if fed:
-                        self._hashed_upto = i + 1
-        if not checked and chunk.digest is not None:
-            actual = await trio.to_thread.run_sync(digest_of, chunk, data, limiter=self._limiter)
+        if received.filled != chunk.length:
+            raise ChunkDigestMismatch(f"chunk {i} of {self.digest[:19]}: got {received.filled} "
+                                      f"bytes, expected {chunk.length}")
+        unchecked = self.check_whole  # the seal checks it (a pull)
+        actual = received.digest()
         if actual != chunk.digest and not unchecked:
             what = "its digest" if chunk.parts is None else \
                 f"the digests of its {len(part_lengths(chunk))} registry chunks"
@@ -413,198 +217,44 @@ class PartialBlob:
                 f"chunk {i} ({chunk.start}-{chunk.end - 1}) of {self.digest[:19]}...: "
                 f"sha256 {actual[7:19]}... does not match {what}")
         if self.landed[i] and not unchecked:
-            self._unland(i)  # checked bytes take the place of the unchecked ones
+            self._landed.unland(i)  # checked bytes take the place of the unchecked ones
         if self.in_file(i):
             return False  # (checked all the same: the caller may serve what it fetched)
-        if received:
-            # Write behind: readable now (the caller serves it from its buffer), written to
-            # the file by `commit_chunk`, off the readers' path. (Unchecked: landed, for the
-            # sealer only.)
-            await self._room_for(i)
-            if self.in_file(i):
-                return False
-            # (after _room_for: chunks waiting there are not committable, so they must not
-            # hold the room that the ones they wait for need)
-            await self._admit(i)
-            if self.in_file(i):
-                self._settle(i)
-                return False
-            self._pending[i] = _PendingWrite(self._pool.hold(data.buf))
-            self._pending_bytes += chunk.length
-            if unchecked:
-                self.landed[i] = True
-            else:
-                self.readable[i] = True
-            self._keep_for_sealer(i, data.buf)
-            return True
-        try:
-            await self._admit(i)
-            if self.in_file(i):
-                self._settle(i)
-                return False
-            await self._write(i, chunk, data)
-        except BaseException:
-            self._settle(i)
-            if fed:
-                self._restart_sealer()  # it took in bytes that never reached the disk
-            raise
-        self.readable[i] = True
-        self._wrote(i)
-        self._keep_for_sealer(i, data)
+        # Write behind: readable now (the caller serves it from its buffer), written to the
+        # file by `commit_chunk`, off the readers' path. (Unchecked: landed, for the sealer
+        # only.)
+        length = chunk.length
+        await self._sealer.room_for(i, lambda: self._io.full(length))
+        if self.in_file(i):
+            return False
+        # (after room_for: chunks waiting there are not committable, so they must not hold
+        # the room that the ones they wait for need)
+        await self._unrecorded.admit(length)
+        if self.in_file(i):
+            self._unrecorded.settle(length)
+            return False
+        if unchecked:
+            self._states.landed_pending(i, share=length)
+        else:
+            self._states.verified_pending(i, share=length)
+        self._io.put(i, received.buf)
+        self._sealer.keep(i, received.buf)
         return True
 
-    async def _admit(self, i: int) -> None:
-        """Take chunk `i`'s bytes into the cache's unrecorded budget (waiting for room)."""
-        self._settle(i)  # (never counted twice)
-        length = self.chunks[i].length
-        await self._unrecorded.admit(length)
-        self._counted[i] = length
-
-    def _settle(self, i: int) -> None:
-        """Chunk `i` is recorded, or out of the file, or nobody will record it: out of the
-        budget (if it was in it)."""
-        length = self._counted.pop(i, None)
-        if length is not None:
-            self._unrecorded.settle(length)
-
     def _wrote(self, i: int) -> None:
-        """Chunk `i`'s bytes are in the file: the next group sync covers them."""
-        self._generation[i] = self._sync.wrote()
-        if self._durable:
-            self._unsynced[i] = self._generation[i]
+        """Chunk `i`'s write behind is done: the next group sync covers it."""
+        self._states.written(i, self._sync.wrote())
+        self._sealer.wake()
 
-    async def _room_for(self, i: int) -> None:
-        """Wait while too many bytes wait to be written (the commit tasks write them), or
-        while chunk `i` is far ahead of a sealer that keeps going (it is given a push, and a
-        sealer that does not move for SEALER_PATIENCE is not waited for until it moves: it
-        may be waiting for chunks that nobody is about to fetch, as when a pull resumes)."""
-        length = self.chunks[i].length
-        pushed_at = -1
-        while True:
-            full = self._pending and self._pending_bytes + length > PENDING_LIMIT
-            far = not self._sealer_stalled and self._far_ahead_of_sealer(i)
-            if not (full or far):
-                return
-            if far and pushed_at != self._hashed_upto and not self._seal_lock.locked():
-                pushed_at = self._hashed_upto  # once per position: it may be stuck there
-                await self._advance_sealer()
-                continue
-            with trio.move_on_after(SEALER_PATIENCE) as scope:
-                await self._pending_changed.wait()
-            if scope.cancelled_caught and not full:
-                self._sealer_stalled = True
-
-    def _far_ahead_of_sealer(self, i: int) -> bool:
-        """Whether chunk `i` is further ahead of a running sealer than it keeps bytes for.
-        Where the seal is what everyone waits for (no readers: a pull), a receiver waits
-        then, so the sealer hashes from memory instead of reading most chunks back from disk."""
-        return self._readers is None and not self._within_sealer_reach(i)
-
-    def _within_sealer_reach(self, i: int) -> bool:
-        """Whether chunk `i` ends within EARLY_LIMIT of the sealer's position. The chunk the
-        sealer needs next always is, however large: it waits for that very chunk."""
-        if i <= self._hashed_upto or self._hashed_upto >= len(self.chunks):
-            return True
-        return self.chunks[i].end - self.chunks[self._hashed_upto].start <= EARLY_LIMIT
-
-    def _paused(self) -> bool:
-        return not self._sealing and self._readers is not None and \
-            self._readers.active(self.digest)
-
-    def _keep_for_sealer(self, i: int, data) -> None:
-        chunk = self.chunks[i]
-        if self._paused():
-            return  # it would hold them for as long as the readers keep it waiting
-        if i >= self._hashed_upto and self._early_bytes + chunk.length <= EARLY_LIMIT and \
-                self._within_sealer_reach(i):
-            # just ahead of the sealer (concurrent fetches finish out of order): keep the bytes
-            # for it rather than read them back from disk a moment later. Not far ahead: a
-            # reader elsewhere in the blob would pin them until the sealer got there.
-            self._keep_early(i, data)
-
-    async def _finish_write(self, i: int) -> None:
-        """Write chunk `i` to the file if it is still pending (or wait for whoever is).
-        A failed write makes it unreadable again: it is fetched again when wanted."""
-        pending = self._pending.get(i)
-        if pending is None:
-            return
-        if pending.started:
-            await pending.done.wait()
-            return
-        pending.started = True
-        try:
-            await self._write(i, self.chunks[i], pending.buf)
-            self._wrote(i)
-        except BaseException:
-            # fetched (and kept for the sealer) again when wanted
-            unchecked = self.landed[i] or self.chunks[i].digest is None
-            self.readable[i] = self.landed[i] = False
-            self._settle(i)
-            self._done_with(self._pop_early(i))
-            if unchecked:
-                self._forget_hashed(i)
-            raise
-        finally:
-            del self._pending[i]
-            self._pending_bytes -= self.chunks[i].length
-            pending.done.set()
-            self._wake_receivers()
-            self._pool.release(pending.buf)
-
-    def _wake_receivers(self) -> None:
-        """A pending write finished or the sealer moved: receivers waiting in _room_for look
-        again."""
-        self._pending_changed.set()
-        self._pending_changed = trio.Event()
-
-    async def _written(self, indexes) -> None:
-        """Wait until the chunks in `indexes` are in the file, not only readable from memory."""
-        for i in indexes:
-            await self._finish_write(i)
-
-    async def _write(self, i: int, chunk: Chunk, data) -> None:
-        # One writer per file, from the reservation to the end of the write: concurrent
-        # pwrites would only contend; the room a reservation finds free (--min-free reads
-        # statvfs) must not be taken by another write before this one lands; and on a full
-        # disk a writer that is not alone takes the room another one's eviction just freed.
-        async with self._write_lock:
-            if self._reserve is not None:
-                await self._reserve(chunk.length)
-            try:
-                await self._write_once(chunk, data)
-            except OSError as exc:
-                if exc.errno != errno.ENOSPC or self._reserve is None:
-                    raise
-                await self._after_enospc(i, chunk, data)
-
-    async def _after_enospc(self, i: int, chunk: Chunk, data) -> None:
-        """The disk filled up under us: free some of the cache and try once more (under the
-        write lock: another writer would take the room just freed)."""
-        await self._reserve(chunk.length, disk_full=True)
-        try:
-            await self._write_once(chunk, data)
-        except OSError as again:
-            await trio.to_thread.run_sync(punch_hole, self._fd, chunk.start,
-                                          chunk.length, limiter=self._limiter)
-            raise CacheFull(f"no room on disk for chunk {i} of {self.digest[:19]} "
-                            f"({again.strerror})") from again
-
-    async def _write_once(self, chunk: Chunk, data) -> None:
-        if not isinstance(data, (Receiver, ChunkBuffer)):  # bytes: through the page cache
-            await trio.to_thread.run_sync(pwrite_all, self._fd, data, chunk.start,
-                                          limiter=self._limiter)
-            return
-        # a page-aligned chunk buffer: direct I/O
-        if not await trio.to_thread.run_sync(write_received, self._direct_fd, self._fd,
-                                             data.view, chunk.start, limiter=self._limiter):
-            # (not closed: a load_chunk thread may be using it; closed with the blob)
-            log.info("direct I/O refused on %s; writing through the page cache", self.path)
-            self._direct = False
-
-    def _restart_sealer(self) -> None:
-        """Forget the whole-blob hash so far: it is built again from offset 0 (read back)."""
-        self._hasher, self._hashed_upto = hashlib.sha256(), 0
-        self._clear_early()
+    def _write_failed(self, i: int) -> None:
+        """Chunk `i`'s write behind failed: it is not readable any more, and is fetched (and
+        kept for the sealer) again when wanted."""
+        unchecked = self.landed[i] or self.chunks[i].digest is None
+        self._states.write_failed(i)  # (and out of the budget)
+        self._sealer.drop_early(i)
+        if unchecked:
+            self._sealer.forget_hashed(i)
+        self._sealer.wake()
 
     async def commit_chunk(self, i: int) -> None:
         """Make chunk `i` durable (an fdatasync shared with the chunks around it) and record it
@@ -614,27 +264,27 @@ class PartialBlob:
         if self.present[i]:
             return
         try:
-            await self._finish_write(i)
-            if not self._seal_lock.locked():
+            await self._io.finish(i)
+            if not self._sealer.locked():
                 # Catch the sealer up on the chunks written so far, from memory when it kept
                 # them. Here, not in write_chunk: readers waiting for a chunk never wait for
                 # this; and before the fdatasync, so the bytes kept for it are let go soon.
                 # Whoever holds the lock re-checks `readable` after each await, so nothing is
                 # missed.
-                await self._advance_sealer()
+                await self._sealer.advance()
             while self._durable and not self.present[i]:
-                generation = self._generation[i]
+                generation = self._states.generation(i)
                 await self._sync.wait_durable(generation)  # records it (_record_durable)
-                if self._generation[i] == generation:
+                if self._states.generation(i) == generation:
                     break  # (else it was evicted and written again meanwhile: wait for that)
         except Exception:
             # A failed write, sealer read or sync: nobody may come back to record this chunk
             # (it is recorded if a later sync of the blob covers it), so the chunks waiting for
             # room do not wait for it. (Not on cancellation: a caller that gives up, like a
             # reader at its deadline, leaves the chunk to the commit task that owns it.)
-            self._settle(i)
+            self._states.uncount(i)
             raise
-        if self.present[i] or not self.in_file(i) or i in self._pending:
+        if self.present[i] or not self.in_file(i) or self._states.is_pending(i):
             # recorded with its sync; or evicted while it waited to be durable: nothing to
             # record (and if it came back since, its new bytes are not written yet: their own
             # commit records them)
@@ -646,55 +296,23 @@ class PartialBlob:
         in the same trio step: every chunk it made durable is recorded at once, in one
         transaction, so none is left durable but unrecorded (fetched again after a crash)
         while its commit task waits its turn to run."""
-        synced = [i for i, g in self._unsynced.items() if g <= generation]
-        self._record([i for i in synced
-                      if self.in_file(i) and i not in self._pending and not self.present[i]])
-        for i in synced:  # (kept if the record failed: the next sync records them)
-            del self._unsynced[i]
+        # (if the record fails they stay WRITTEN: the next sync records them)
+        self._record(self._states.written_upto(generation))
 
     def _record(self, indexes: list[int]) -> None:
-        """Record chunks whose bytes are durable in the file as present, and settle them."""
+        """Record chunks whose bytes are durable in the file (WRITTEN) as present, out of the
+        unrecorded budget."""
         for verified in (True, False) if not self._retired else ():
             these = [i for i in indexes if self.landed[i] != verified]
             if these:
                 self._index.mark_present(self.digest, these, verified=verified)
         for i in indexes:
-            self.present[i] = True
-            self._settle(i)
-
-    async def _advance_sealer(self) -> None:
-        """Hash the readable chunks that follow the sealer's position, reading them back."""
-        async with self._seal_lock:
-            n = len(self.chunks)
-            hasher = self._hasher
-            while self._hashed_upto < n and self.in_file(self._hashed_upto):
-                if self._paused():
-                    self._clear_early()  # read back from disk when it catches up
-                    return
-                j = self._hashed_upto
-                buf = self._pop_early(j)
-                if buf is None:
-                    buf = await self.load_chunk(j)
-                try:
-                    if self._hash_thread is not None and self.has_chunk_digests:
-                        # (a blob without chunk digests has readers waiting for this hash)
-                        await self._hash_thread.run(feed, hasher, buf)
-                    else:
-                        await trio.to_thread.run_sync(feed, hasher, buf, limiter=self._limiter)
-                finally:
-                    self._done_with(buf)
-                if self._hasher is not hasher:
-                    return  # restarted meanwhile (a failed write): what we hashed is void
-                self._hashed_upto = j + 1
-                self._sealer_stalled = False
-                self._wake_receivers()  # one may wait for the sealer to come closer
+            self._states.recorded(i)
 
     async def read(self, offset: int, size: int) -> bytes:
         """Bytes [offset, offset+size) from the file. The caller has made sure every chunk
         they touch is readable (verified, maybe not written or durable yet) and pinned."""
-        await self._written(self.chunk_range(offset, size))
-        return await trio.to_thread.run_sync(pread_exact, self._fd, size, offset,
-                                             limiter=self._limiter)
+        return await self._io.read(offset, size, self.chunk_range(offset, size))
 
     def chunk_range(self, offset: int, size: int) -> range:
         """Indexes of the chunks that cover [offset, offset+size)."""
@@ -707,16 +325,16 @@ class PartialBlob:
     def seal_progress(self) -> int:
         """Chunks in the sealer's hash so far (a mark of progress for readers waiting on the
         seal of a blob without chunk digests)."""
-        return self._hashed_upto
+        return self._sealer.position
 
     @property
     def sealing(self) -> bool:
         """Being sealed right now (nothing of it may be evicted or dropped)."""
-        return self._sealing
+        return self._sealer.sealing
 
     @property
     def complete(self) -> bool:
-        return all(self.present)
+        return self._states.complete()
 
     async def seal(self) -> pathlib.Path:
         """Check the whole blob against its digest and move it into `blobs/`.
@@ -726,21 +344,23 @@ class PartialBlob:
         """
         if not self.complete:
             raise RuntimeError("seal() called with chunks missing")
-        self._sealing = True  # no chunk is evicted from under the seal (evict_chunk refuses)
+        self._sealer.sealing = True  # no chunk is evicted from under the seal (evict_chunk
+        # refuses), and the sealer does not pause for readers
         try:
             return await self._seal()
         finally:
-            self._sealing = False
+            self._sealer.sealing = False
 
     async def _seal(self) -> pathlib.Path:
-        await self._advance_sealer()
-        if self._hashed_upto < len(self.chunks) or not self.complete:
+        await self._sealer.advance()
+        if self._sealer.position < len(self.chunks) or not self.complete:
             # a reader dropped a corrupt landed chunk meanwhile (verify_landed)
             raise SealInterrupted(f"blob {self.digest[:19]} lost a chunk while being sealed; "
                                   f"sealed once it is complete again")
-        actual = "sha256:" + self._hasher.hexdigest()
+        actual = self._sealer.hexdigest()
         if actual != self.digest and any(self.landed):
-            await self._check_landed(actual)  # raises
+            self.check_whole = False  # from now on every chunk is checked on its own
+            await self._landed.check_all(actual)  # raises, unless none is corrupt
         if actual != self.digest:
             log.error("SEAL MISMATCH for blob %s: every chunk verified, but the blob hashes to %s. "
                       "The chunk list was wrong; discarding the partial blob.",
@@ -749,15 +369,15 @@ class PartialBlob:
             raise SealMismatch(f"blob {self.digest} failed its seal: whole-file sha256 is "
                                f"{actual}; the cached copy was discarded")
         if self._durable:
-            await trio.to_thread.run_sync(os.fsync, self._fd, limiter=self._limiter)
+            await trio.to_thread.run_sync(os.fsync, self._io.fd, limiter=self._limiter)
         if not self.complete:
             raise RuntimeError(f"blob {self.digest[:19]} lost a chunk while being sealed")
         landed = [i for i, here in enumerate(self.landed) if here]
         if landed:
-            self._mark_verified(landed)  # by the whole blob's digest
+            self._landed.mark_verified(landed)  # by the whole blob's digest
         os.chmod(self.path, 0o644)
         os.replace(self.path, self.final_path)
-        st = os.fstat(self._fd)
+        st = os.fstat(self._io.fd)
         self._index.record_sealed(self.digest, self.size, st.st_mtime_ns, st.st_ino)
         if self._durable:
             await trio.to_thread.run_sync(fsync_dir, self.final_path.parent, limiter=self._limiter)
@@ -767,43 +387,6 @@ class PartialBlob:
         self.sealed = True
         log.info("sealed %s (%d bytes)", self.digest, self.size)
         return self.final_path
-
-    async def _check_landed(self, actual: str) -> None:
-        """The whole blob did not match and some chunks were never checked on their own: check
-        them now, from the file. Raises LandedChunksBad for the ones that fail (dropped: fetch
-        them again; from now on every chunk is checked on its own); returns if none did."""
-        self.check_whole = False
-        # A reader may check a landed chunk meanwhile (verify_landed), drop it as corrupt and
-        # fetch it again between two awaits of this loop: its state when the loop reaches it,
-        # or at the end, does not tell whether it was bad. So drops are counted as they happen
-        # (_dropped_in_check) and such a chunk is blamed all the same (it explains the
-        # mismatch: no SealMismatch), while `_drop_landed` punches only what is still landed.
-        # (Nothing is evicted while this runs: `_sealing`.)
-        found = []  # corrupt, found here
-        dropped = self._dropped_in_check = set()
-        try:
-            for i in [i for i, here in enumerate(self.landed) if here]:
-                if not self.landed[i]:
-                    continue  # a reader checked it meanwhile (and dropped it if bad)
-                buf, ok = await self._load_checked(i)
-                self._pool.release(buf)
-                if not self.landed[i]:
-                    continue  # likewise, while we read it
-                if ok:
-                    self._mark_verified([i])
-                else:
-                    found.append(i)
-            if found:
-                await self._drop_landed(found)
-        finally:
-            self._dropped_in_check = None
-        bad = sorted(dropped.union(found))
-        if not bad:
-            return  # every chunk matches its digest: the chunk list is what is wrong
-        log.warning("blob %s hashed to %s, not its digest: %d of its chunks did not match their "
-                    "own digests and are fetched again", self.digest[:19], actual[:19], len(bad))
-        raise LandedChunksBad(f"{len(bad)} chunks of {self.digest[:19]} were corrupt "
-                              f"(first: chunk {bad[0]}); they must be fetched again", bad)
 
     def unseal(self) -> None:
         """Move a sealed blob back to the in-progress state, before it loses a chunk (`blobs/`
@@ -816,49 +399,39 @@ class PartialBlob:
             log.warning("sealed blob %s is gone from blobs/", self.digest[:19])
             self.forget_chunks()
             self._index.mark_absent(self.digest, list(range(len(self.chunks))))
-            self._old_fds += [self._fd, self._dfd]  # threads may still hold them
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.ftruncate(self._fd, self.size)
-            self._dfd = open_direct(self.path)
-            self._direct = self._dfd >= 0
+            self._io.reopen(self.path)
             self._sync = self._group_sync()
         self._index.forget_sealed(self.digest)
         self.sealed = False
-        self._restart_sealer()  # read again when it is complete again
+        self._sealer.restart()  # read again when it is complete again
 
     async def evict_chunk(self, i: int) -> int:
         """Give chunk `i`'s disk space back (punch a hole); it is fetched again when needed.
         The caller makes sure nobody is reading it. Returns the bytes freed."""
         chunk = self.chunks[i]
-        if self._sealing or i in self._pending:
-            return 0  # being sealed, or not in the file yet: not a candidate
-        if self._seal_lock.locked() and not (chunk.digest is not None and i < self._hashed_upto):
-            # the sealer may be reading it back right now; a chunk it has hashed already (and
-            # that is checked on its own when it comes back) is fair game
-            return 0
+        if self.sealing or self._states.is_pending(i) or self._sealer.may_be_reading(i):
+            return 0  # being sealed, not in the file yet, or being read back by the sealer
         if self.sealed:
             self.unseal()
         if not self.in_file(i):
             return 0
         unchecked = chunk.digest is None or self.landed[i]
-        self.readable[i] = self.present[i] = self.landed[i] = False
-        self._settle(i)  # (a crash would not make us fetch it again now: it is gone)
-        self._unsynced.pop(i, None)
-        self._done_with(self._pop_early(i))
+        self._states.evicted(i)  # (and out of the budget: a crash would not make us fetch
+        # it again now, it is gone)
+        self._sealer.drop_early(i)
         if unchecked:
             # the sealer took in bytes never checked on their own, and the next ones may
             # differ: it must hash the chunk again
-            self._forget_hashed(i)
+            self._sealer.forget_hashed(i)
         self._index.mark_absent(self.digest, [i])  # durable before the hole (index.py)
-        await trio.to_thread.run_sync(punch_hole, self._fd, chunk.start, chunk.length,
-                                      limiter=self._limiter)
+        await self._io.punch(i)
         return chunk.length
 
     async def discard(self) -> None:
         """Drop every byte and the index rows (the fd stays open for reads in flight)."""
         self._index.forget(self.digest)
         self.forget_chunks()
-        self._clear_early()
+        self._sealer.clear_early()
         await trio.to_thread.run_sync(_unlink_quietly, self.path, limiter=self._limiter)
 
 

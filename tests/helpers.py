@@ -66,3 +66,31 @@ def stop_process(proc: subprocess.Popen | None) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+async def receive_bytes(blob, i: int, data: bytes) -> bool:
+    """Chunk `i` of `blob` through the cache's one door, exactly as a source delivers it: a
+    receiver of the blob (`blob.receiver`) filled piece by piece, each piece taken in as it
+    comes (as fetcher/client.py `_fill` does), then `write_chunk`; the buffer is given back as
+    a pull does. Returns what `write_chunk` returns. Not committed: the chunk is readable, its
+    write is pending (written behind by `commit_chunk`, or by a read of it)."""
+    receiver = blob.receiver(i)
+    try:
+        view, pos = receiver.view, 0
+        if len(data) > len(view):
+            raise ValueError(f"{len(data)} bytes for a chunk of {len(view)}")
+        for lo in range(0, len(data), 64 << 10):
+            part = data[lo:lo + (64 << 10)]
+            view[pos:pos + len(part)] = part
+            pos += len(part)
+            receiver.received(pos)
+        return await blob.write_chunk(i, receiver)
+    finally:
+        blob.release_buffer(receiver.buf)
+
+
+async def put_bytes(blob, i: int, data: bytes) -> None:
+    """Chunk `i` of `blob` received, verified (`receive_bytes`), written, made durable and
+    recorded (`commit_chunk`), as a pull does it."""
+    await receive_bytes(blob, i, data)
+    await blob.commit_chunk(i)

@@ -134,7 +134,7 @@ async def test_sealer_waits_for_the_readers_then_seals(live_registry, tmp_path):
                     assert await mat.read(name, layer, off, step) == data[off:off + step]
                 blob = cache.open_stored(layer.digest, layer.size)
                 assert all(blob.readable) and not blob.sealed
-                assert blob._hashed_upto == 0  # nothing hashed while the reads went on
+                assert blob.seal_progress == 0  # nothing hashed while the reads went on
                 with trio.fail_after(10):
                     while not cache.is_sealed(layer.digest, layer.size):
                         await trio.sleep(0.05)
@@ -251,7 +251,7 @@ async def test_first_miss_of_a_blob_is_fetched_alone(live_registry, tmp_path):
 
 
 # A landed chunk damaged on purpose: dropping it gives its bytes back without telling the
-# budget (PartialBlob._drop_landed), which counts them until the next recount.
+# budget (LandedChecks.drop), which counts them until the next recount.
 @pytest.mark.invariants(budget_exact=False)
 async def test_landed_chunks_are_checked_before_they_are_served(live_registry, tmp_path,
                                                                 chunk_client):

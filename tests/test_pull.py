@@ -299,10 +299,10 @@ async def test_chunks_ahead_of_the_sealer_wait_for_a_slow_first_chunk(live_regis
     """A pull keeps its chunks within reach of the sealer (which hashes them from memory):
     while the first chunk is slow the others wait for it, without deadlock, and the pull
     completes, fetches each chunk once and seals."""
-    from modelfs.cache import partial
+    from modelfs.cache import sealer
     reg = await live_registry(chunk_size=256 << 10)
     source, imported = reg.add_model("slowstart", 4 * MiB)
-    monkeypatch.setattr(partial, "EARLY_LIMIT", 512 << 10)  # two chunks
+    monkeypatch.setattr(sealer, "EARLY_LIMIT", 512 << 10)  # two chunks
 
     async def slow(faults, scope, receive, send):
         await trio.sleep(1.5)
@@ -394,10 +394,10 @@ async def test_chunks_larger_than_the_sealers_reach_do_not_wait_for_it(live_regi
     a registry's own list, or --chunk-size, may exceed it): the chunk the sealer needs next is
     never made to wait for the sealer to come closer. It used to wait SEALER_PATIENCE for a
     sealer that was waiting for it (31 s instead of 3 s for 2 GiB in 64 MiB chunks)."""
-    from modelfs.cache import partial
+    from modelfs.cache import sealer
 
-    monkeypatch.setattr(partial, "EARLY_LIMIT", 64 << 10)
-    monkeypatch.setattr(partial, "SEALER_PATIENCE", 60.0)
+    monkeypatch.setattr(sealer, "EARLY_LIMIT", 64 << 10)
+    monkeypatch.setattr(sealer, "SEALER_PATIENCE", 60.0)
     reg = await live_registry(chunk_size=64 << 10)
     _, imported = reg.add_model("wide", 2 * MiB)
     reg.faults.add("GET", "/chunksums/", F.reply(404, b"404 page not found"))

@@ -18,7 +18,7 @@ from modelfs.cache.units import UnitHasher, bad_part, digest_of, group_units, pa
 from modelfs.fetcher.materializer import Materializer
 from modelfs.fetcher.pull import pull
 
-from .helpers import sha256_file
+from .helpers import put_bytes, sha256_file
 
 MiB = 1 << 20
 
@@ -88,7 +88,7 @@ async def test_a_received_unit_with_one_bad_chunk_is_never_written(tmp_path):
                 await blob.commit_chunk(i)
             blob.release_buffer(receiver.buf)
         assert blob.missing() == [1]
-        await blob.put_chunk(1, DATA[units[1].start:units[1].end])
+        await put_bytes(blob, 1, DATA[units[1].start:units[1].end])
         await blob.seal()
         assert sha256_file(cache.store.blob_path(digest)) == digest
     finally:
