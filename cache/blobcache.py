@@ -29,6 +29,7 @@ from .budget import DiskBudget
 from .buffers import punch_hole
 from .chunkbuf import BufferPool
 from .chunks import DEFAULT_CHUNK_SIZE, Chunk, check_coverage, fixed_chunks
+from .units import same_registry_chunks
 from .digests import parse_digest
 from .errors import ModelfsError
 from .index import ChunkIndex
@@ -40,6 +41,18 @@ from .sealedfile import SealedFile
 from .store import ModelsDir
 
 log = logging.getLogger(__name__)
+
+
+def _resumes(known: list[Chunk], new: list[Chunk], digest: str) -> bool:
+    """Whether a blob cached in the units `known` is resumed as it is when asked for in the
+    units `new`, rather than started over: when both group the same registry chunks (another
+    --fetch-unit, or a list stored before units), or when `new` is the layer as one chunk that
+    no list was asked for (a small layer) and `known` has digests (the registry's list, as
+    trusted as the layer digest: a list that lied fails the seal, which discards it)."""
+    if same_registry_chunks(known, new):
+        return True
+    shortcut = len(new) == 1 and new[0].digest == digest
+    return shortcut and bool(known) and all(c.digest is not None for c in known)
 
 
 def _free_absent(path: pathlib.Path, chunks: list[Chunk], present: list[bool]) -> None:
@@ -219,7 +232,7 @@ class BlobCache:
         digest = parse_digest(digest)
         check_coverage(chunks, size)
         blob = self._open.get(digest)
-        if blob is not None and not blob.sealed and blob.chunks == chunks:
+        if blob is not None and not blob.sealed and _resumes(blob.chunks, chunks, digest):
             blob.check_whole = check_whole and blob.has_chunk_digests
             return blob
         # what the budget counts for this blob now (as DiskBudget._resync does), should it
@@ -235,6 +248,8 @@ class BlobCache:
         stored = self.index.load(digest)
         if stored is not None:
             counted += self.index.present_bytes(digest, stored[0])
+            if stored[0] == size and _resumes(stored[1], chunks, digest):
+                chunks = stored[1]
         if stored is not None and stored[0] == size and stored[1] == chunks and path.exists():
             present = stored[2]
             if any(present):

@@ -124,6 +124,31 @@ def group_units(chunks: list[Chunk], unit: int = FETCH_UNIT) -> list[Chunk]:
     return builder.finish()
 
 
+def _registry_chunks(units: list[Chunk]):
+    """(start, length, raw digest or None) of each registry chunk under `units`."""
+    for unit in units:
+        if unit.parts is None:
+            raw = bytes.fromhex(unit.digest[7:]) if unit.digest is not None else None
+            yield unit.start, unit.length, raw
+            continue
+        start = unit.start
+        for length, raw in _PART.iter_unpack(unit.parts):
+            yield start, length, raw
+            start += length
+
+
+def same_registry_chunks(a: list[Chunk], b: list[Chunk]) -> bool:
+    """Whether two unit lists group the same registry chunks (the same list, fetched with
+    another --fetch-unit, or stored before units): then cached units of one are as good as
+    the other's, and nothing needs to start over."""
+    if a == b:
+        return True
+    if a[-1].end != b[-1].end if a and b else a != b:
+        return False
+    return all(x == y for x, y in itertools.zip_longest(_registry_chunks(a),
+                                                        _registry_chunks(b)))
+
+
 def part_lengths(chunk: Chunk) -> list[int]:
     """The lengths of the registry chunks in a unit (one, the whole, for a plain chunk)."""
     if chunk.parts is None:

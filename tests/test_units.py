@@ -146,3 +146,45 @@ def test_a_unit_hashed_in_any_pieces_gives_each_chunk_its_digest(step):
     h.update(data[:step + 5])
     h.update(data[step + 5:] + b"more")  # past the end: never matches
     assert h.result() != unit.digest
+
+
+@pytest.mark.parametrize("whole_up_to", [1 * MiB, 8 * MiB])
+async def test_another_fetch_unit_resumes_what_is_cached(live_registry, tmp_path, client,
+                                                         whole_up_to):
+    """Chunks cached in one grouping (a mount with --fetch-unit 0) are not fetched again when
+    the same registry list comes grouped otherwise (a pull with the default units), or when
+    the layer comes as one chunk no list was asked for (a pull's --chunk-size above the
+    layer's size): the stored list is kept, and only the missing bytes are asked for."""
+    from modelfs.fetcher.client import ClientConfig, RegistryClient
+
+    from .conftest import FAST_RETRY
+
+    reg = await live_registry(chunk_size=64 << 10)
+    source, imported = reg.add_model("regroup", 3 * MiB)
+    layer, data = imported.model, source.read_bytes()
+    cache = BlobCache(tmp_path / "cache", sync_interval=0.01, readers=ReaderActivity())
+    try:
+        async with RegistryClient(ClientConfig(retry=FAST_RETRY, fetch_unit=0)) as per_chunk:
+            async with trio.open_nursery() as nursery:
+                mat = Materializer(per_chunk, cache, nursery, background=False)
+                with trio.fail_after(30):
+                    assert await mat.read(reg.name("regroup"), layer, MiB, MiB) == \
+                        data[MiB:2 * MiB]
+                    while cache.index.present_bytes(layer.digest, layer.size) < MiB:
+                        await trio.sleep(0.02)  # (recorded in batches)
+                nursery.cancel_scope.cancel()
+    finally:
+        cache.close()
+    before = len(reg.faults.ranges(layer.digest))
+    cache = BlobCache(tmp_path / "cache", sync_interval=0.01)
+    try:
+        await pull(reg.name("regroup"), client, cache, chunk_size=whole_up_to)
+        assert sha256_file(cache.store.blob_path(layer.digest)) == layer.digest
+    finally:
+        cache.close()
+    asked = []
+    for r in reg.faults.ranges(layer.digest)[before:]:
+        first, last = map(int, r.removeprefix("bytes=").split("-"))
+        asked.append((first, last + 1))
+    assert sum(end - start for start, end in asked) == layer.size - MiB
+    assert all(end <= MiB or start >= 2 * MiB for start, end in asked)
