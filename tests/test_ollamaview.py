@@ -13,6 +13,8 @@ from modelfs.fetcher.names import Registry, parse_name
 from modelfs.fs.ops import ModelOps
 from modelfs.fs.tree import Tree
 
+from . import test_ops
+
 REGISTRY = Registry.from_url("http://127.0.0.1:5000")
 
 
@@ -25,10 +27,7 @@ MANIFEST = json.dumps({"schemaVersion": 2, "config": _layer("config", "c", 7),
                        "layers": [_layer("model", "1", 100), _layer("license", "2", 3)]}).encode()
 
 
-class Resolver:
-    def __init__(self):
-        self.asked = []
-
+class Resolver(test_ops.Resolver):
     async def resolve(self, name):
         self.asked.append(name)
         if name.model == "nosuch":
@@ -36,18 +35,11 @@ class Resolver:
         return parse_manifest(MANIFEST)
 
 
-class Materializer:
+class Materializer(test_ops.BrokenMaterializer):
+    """Reads answer x's, and are remembered."""
+
     def __init__(self):
         self.reads = []
-
-    def cached_bytes(self, layer):
-        return 0
-
-    def opened(self, name, layer):
-        pass
-
-    def closed(self, layer):
-        pass
 
     async def read(self, name, layer, offset, size, **prefetch):
         self.reads.append((name, layer.digest, offset, size))
