@@ -269,7 +269,7 @@ class RegistryClient:
             try:
                 _, body = await self._get_bytes(url, MAX_MANIFEST_BYTES, headers)
             except NotFound:
-                raise NotFound(f"model {name.short(name.host)} not found at {name.base_url}") from None
+                raise NotFound(f"model {name.short()} not found at {name.base_url}") from None
             return parse_manifest(body)
 
         return await retrying(once, self.config.retry, f"manifest of {name}")

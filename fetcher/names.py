@@ -3,6 +3,12 @@
 `[scheme://][host/][namespace/]model[:tag]` with defaults host `registry.ollama.ai`, namespace
 `library`, tag `latest`. Every part is validated (characters, lengths) before the name is used for
 a URL or a path, so no name can escape the cache or the mount.
+
+A name is what a model is called; where it is fetched from is not part of it. `--registry URL`
+only says where the default host's models come from: `Registry.name` is the one place that maps
+a name to its origin URL, so `tiny` read from `http://127.0.0.1:8080` is still
+`registry.ollama.ai/library/tiny:latest` in the cache and on the mount (Ollama's own names and
+paths), and the same model served from another port is the same model.
 """
 
 from __future__ import annotations
@@ -53,17 +59,23 @@ class ModelName:
     namespace: str
     model: str
     tag: str
-    scheme: str = DEFAULT_SCHEME
+    # `scheme://netloc` the model is fetched from, set by Registry.name; not part of the name
+    # (equality and hashing ignore it). None: https://<host>.
+    origin: str | None = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         for kind in ("host", "namespace", "model", "tag"):
             validate_part(kind, getattr(self, kind))
-        if self.scheme not in SCHEMES:
-            raise InvalidName(f"unsupported scheme {self.scheme!r} (use http or https)")
+        if self.origin is not None and self.origin.split("://", 1)[0] not in SCHEMES:
+            raise InvalidName(f"unsupported scheme in {self.origin!r} (use http or https)")
 
     @property
     def base_url(self) -> str:
-        return f"{self.scheme}://{self.host}"
+        return self.origin or f"{DEFAULT_SCHEME}://{self.host}"
+
+    @property
+    def scheme(self) -> str:
+        return self.base_url.split("://", 1)[0]
 
     @property
     def store_parts(self) -> tuple[str, str, str, str]:
@@ -73,9 +85,9 @@ class ModelName:
     def __str__(self) -> str:
         return f"{self.host}/{self.namespace}/{self.model}:{self.tag}"
 
-    def short(self, default_host: str = DEFAULT_HOST) -> str:
+    def short(self) -> str:
         """The shortest form that parses back to this name (as `ollama list` shows it)."""
-        if self.host != default_host:
+        if self.host != DEFAULT_HOST:
             return str(self)
         if self.namespace != DEFAULT_NAMESPACE:
             return f"{self.namespace}/{self.model}:{self.tag}"
@@ -84,10 +96,25 @@ class ModelName:
 
 @dataclasses.dataclass(frozen=True)
 class Registry:
-    """Where names without a host go: `--registry URL` / `MODELFS_REGISTRY`."""
+    """Where the default host's models are fetched from: `--registry URL` / `MODELFS_REGISTRY`
+    (default https://registry.ollama.ai). Names keep the default host whatever this says."""
 
-    host: str = DEFAULT_HOST
+    netloc: str = DEFAULT_HOST
     scheme: str = DEFAULT_SCHEME
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://{self.netloc}"
+
+    def name(self, host: str, namespace: str, model: str, tag: str,
+             scheme: str | None = None) -> ModelName:
+        """The name with the origin it is fetched from: the default host's from this registry;
+        the registry's own netloc typed as a host (`127.0.0.1:8080/ns/m`) with its scheme too;
+        any other host from itself, over https unless the name said `http://`."""
+        netloc = self.netloc if host == DEFAULT_HOST else host
+        if scheme is None:
+            scheme = self.scheme if netloc == self.netloc else DEFAULT_SCHEME
+        return ModelName(host, namespace, model, tag, f"{scheme}://{netloc}")
 
     @classmethod
     def from_url(cls, url: str | None) -> "Registry":
@@ -100,7 +127,7 @@ class Registry:
             raise InvalidName(f"unsupported registry scheme in {url!r} (use http or https)")
         if parsed.path not in ("", "/") or parsed.query or parsed.fragment or parsed.username:
             raise InvalidName(f"registry URL must be scheme://host[:port], got {url!r}")
-        return cls(host=validate_part("host", parsed.netloc), scheme=parsed.scheme)
+        return cls(netloc=validate_part("host", parsed.netloc), scheme=parsed.scheme)
 
 
 def parse_name(text: str, registry: Registry = Registry()) -> ModelName:
@@ -124,9 +151,5 @@ def parse_name(text: str, registry: Registry = Registry()) -> ModelName:
         raise InvalidName(f"invalid model name: too many '/' in {_shown(text)}")
     model = parts[-1]
     namespace = parts[-2] if len(parts) >= 2 else DEFAULT_NAMESPACE
-    host = parts[0] if len(parts) == 3 else None
-    if host is None:
-        return ModelName(registry.host, namespace, model, tag, scheme or registry.scheme)
-    if host == registry.host:
-        return ModelName(host, namespace, model, tag, scheme or registry.scheme)
-    return ModelName(host, namespace, model, tag, scheme or DEFAULT_SCHEME)
+    host = parts[0] if len(parts) == 3 else DEFAULT_HOST
+    return registry.name(host, namespace, model, tag, scheme)

@@ -8,6 +8,9 @@
 - Unknown models are remembered for `negative_ttl` seconds, so repeated lookups of a name that
   does not exist answer at once without asking the registry again.
 - Lookups of one name are single-flight.
+- The models the cache holds (`load_cached`) are known from the start of a mount, with the
+  manifest the cache has for them: a remount shows them at once, offline too. (The tag is
+  not asked of the registry again: `modelfs pull` moves it on.)
 
 Concurrency contract: trio thread only; manifests (kilobytes) are read on the loop, written
 (with fsync) in a thread.
@@ -26,7 +29,7 @@ from modelfs.cache.errors import ModelfsError
 from .client import RegistryClient
 from .errors import BadManifest, NotFound
 from .manifest import Manifest, parse_manifest
-from .names import ModelName
+from .names import ModelName, Registry
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,22 @@ class ModelResolver:
         self._flights: dict[ModelName, trio.Event] = {}
 
     def known(self) -> dict[ModelName, Manifest]:
+        return dict(self._known)
+
+    def load_cached(self, registry: Registry) -> dict[ModelName, Manifest]:
+        """Know every model the cache holds a manifest of (complete ones in `manifests/`,
+        those a mount resolved in `resolved/`); the names are fetched through `registry`."""
+        for store in (self._cache.store, self._saved):
+            for parts in store.list_manifests():
+                try:
+                    name = registry.name(*parts)
+                except ModelfsError as exc:  # not a name: a stray directory in the cache
+                    log.warning("ignoring manifests/%s: %s", "/".join(parts), exc)
+                    continue
+                if name not in self._known:
+                    manifest = self._local(name)
+                    if manifest is not None:
+                        self._known[name] = manifest
         return dict(self._known)
 
     async def resolve(self, name: ModelName) -> Manifest:

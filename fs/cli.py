@@ -76,7 +76,7 @@ def cmd_import(args) -> int:
     result = import_gguf(args.file, name.store_parts, models, template=_text_arg(args.template),
                          system=_text_arg(args.system), params=params,
                          license=_text_arg(args.license))
-    print(f"imported {name.short(registry.host)} into {models.root}")
+    print(f"imported {name.short()} into {models.root}")
     for layer in result.layers:
         print(f"  {layer.media_type:45s} {layer.digest}  {layer.size}")
     return 0
@@ -183,7 +183,7 @@ def cmd_pull(args) -> int:
     if args.chunk_size > MAX_CHUNK_BYTES:
         raise UsageError(f"--chunk-size must be at most {MAX_CHUNK_BYTES >> 20}M")
     _check_fetch_unit(args)
-    label = f"pulling {name.short(registry.host)}"
+    label = f"pulling {name.short()}"
     progress = _BarProgress(label) if sys.stderr.isatty() else _LogProgress(label)
     started = time.monotonic()
 
@@ -204,7 +204,7 @@ def cmd_pull(args) -> int:
     finally:
         progress.close()
     elapsed = time.monotonic() - started
-    print(f"pulled {name.short(registry.host)}: {format_size(result.total_bytes)} verified and sealed "
+    print(f"pulled {name.short()}: {format_size(result.total_bytes)} verified and sealed "
           f"({format_size(result.fetched_bytes)} fetched in {result.fetched_chunks} chunks, "
           f"{format_size(result.cached_bytes)} already cached) in {elapsed:.1f}s")
     if result.unverified_layers:

@@ -262,10 +262,13 @@ async def _serve(opts, cache, client, nursery, ready, state) -> None:
     for text in opts.models:
         name = parse_name(text, opts.registry)
         tree.add_model(name, await resolver.resolve(name), time.time_ns())
+    # the models the cache holds are listed too (a remount shows what was read before)
+    for name, manifest in resolver.load_cached(opts.registry).items():
+        tree.add_model(name, manifest, time.time_ns())
 
     async def complete(name, manifest) -> None:
-        # The mount shows no file for the config blob; fetch it (it is small) once the rest
-        # is in, so the cache holds a complete Ollama model and the manifest can be promoted.
+        # Only blobs/ shows the config blob; fetch it (it is small) once the rest is in, so
+        # the cache holds a complete Ollama model and the manifest can be promoted.
         if manifest.config is not None:
             await materializer.read(name, manifest.config, 0, manifest.config.size)
         await resolver.promote_if_complete(name)
@@ -302,8 +305,8 @@ async def _serve(opts, cache, client, nursery, ready, state) -> None:
     state["mounted"] = True
     if opts.readahead:
         nursery.start_soon(tune_readahead, opts.mountpoint, opts.readahead)
-    log.info("mounted %s (cache %s, registry %s://%s)", opts.mountpoint, cache.root,
-             opts.registry.scheme, opts.registry.host)
+    log.info("mounted %s (cache %s, registry %s)", opts.mountpoint, cache.root,
+             opts.registry.url)
     ready(None)
     try:
         await pyfuse3.main()

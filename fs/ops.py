@@ -30,6 +30,7 @@ from modelfs.fetcher.prefetch import Cursor, PrefetchConfig
 from modelfs.fetcher.resolver import ModelResolver
 
 from .errors import fuse_errors
+from .readonly import ReadOnlyOps
 from .tree import Node, Tree
 
 log = logging.getLogger("modelfs.fs")
@@ -51,7 +52,7 @@ class _Handle:
     cursor: Cursor
 
 
-class ModelOps(pyfuse3.Operations):
+class ModelOps(ReadOnlyOps):
     def __init__(self, tree: Tree, resolver: ModelResolver, materializer: Materializer, *,
                  cache_root: os.PathLike, read_timeout: float = 60.0,
                  lookup_timeout: float = 30.0, prefetch: str = "auto",
@@ -108,7 +109,12 @@ class ModelOps(pyfuse3.Operations):
             return found
         with trio.fail_after(self.lookup_timeout):
             manifest = await self.resolver.resolve(found.name)
-        return self.tree.add_model(found.name, manifest, time.time_ns())
+        self.tree.add_model(found.name, manifest, time.time_ns())
+        # the entry is there now: a model directory, or a tag file of the Ollama view
+        found = self.tree.classify(parent, name)
+        if not isinstance(found, Node):
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return found
 
     # -- lookups and attributes --------------------------------------------------------------
 
@@ -132,10 +138,6 @@ class ModelOps(pyfuse3.Operations):
         return self._attrs(self._node(inode))
 
     @fuse_errors
-    async def setattr(self, inode, attr, fields, fh, ctx):
-        raise pyfuse3.FUSEError(errno.EROFS)
-
-    @fuse_errors
     async def opendir(self, inode, ctx):
         if not self._node(inode).is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
@@ -145,7 +147,7 @@ class ModelOps(pyfuse3.Operations):
     async def readdir(self, fh, start_id, token):
         node = self._node(fh)
         # Entries in inode order, the inode as the cookie: stable while the tree grows.
-        children = sorted((inode, name) for name, inode in node.children.items())
+        children = sorted((inode, name) for name, inode in self.tree.listing(node).items())
         for inode, name in children:
             if inode <= start_id:
                 continue
@@ -205,10 +207,6 @@ class ModelOps(pyfuse3.Operations):
         if handle is not None and handle.node.layer is not None:
             self.materializer.closed(handle.node.layer)
 
-    @fuse_errors
-    async def write(self, fh, off, buf):
-        raise pyfuse3.FUSEError(errno.EROFS)
-
     # -- extended attributes ------------------------------------------------------------------
 
     @fuse_errors
@@ -224,14 +222,6 @@ class ModelOps(pyfuse3.Operations):
     @fuse_errors
     async def listxattr(self, inode, ctx):
         return [XATTR_DIGEST, XATTR_CACHED] if self._node(inode).layer is not None else []
-
-    @fuse_errors
-    async def setxattr(self, inode, name, value, ctx):
-        raise pyfuse3.FUSEError(errno.EROFS)
-
-    @fuse_errors
-    async def removexattr(self, inode, name, ctx):
-        raise pyfuse3.FUSEError(errno.EROFS)
 
     def forget(self, inode_list):
         # The tree is small and only grows within a mount: nothing to free.

@@ -4,15 +4,24 @@
 <mnt>/<model>:<tag>/                       default registry, namespace `library`
 <mnt>/<namespace>/<model>:<tag>/           another namespace on the default registry
 <mnt>/<host>/<namespace>/<model>:<tag>/    another registry host
+<mnt>/manifests/<host>/<ns>/<model>/<tag>  the same models as an Ollama models directory
+<mnt>/blobs/sha256-<hex>                   (fs/ollamaview.py)
+<mnt>/registry.ollama.ai/<ns>/<model>:<tag>/   only for the namespaces `manifests` and `blobs`
+                                           of the default registry, whose names the Ollama
+                                           view takes at the root
 ```
 
-Which root entries are hosts: a name with a '.', or `localhost`, optionally with an all-digit
-port (`example.com`, `localhost:8080`, `127.0.0.1:5000`); other names with ':' are models
-(`qwen3:0.6b`), other names without are namespaces. Known ambiguity: a library model whose
-name has a dot and whose tag is all digits (`qwen2.5:7`) reads as a host at the root and cannot
-be reached there. Every part is validated by the model
-name grammar before anything else happens, so `..`, control characters and absurd lengths never
-reach the registry or the disk.
+The default host is always `registry.ollama.ai`, whatever `--registry` says (that is only where
+its models are fetched from: fetcher/names.py). Which root entries are hosts: a name with a
+'.', or `localhost`, optionally with an all-digit port (`example.com`, `localhost:8080`,
+`127.0.0.1:5000`); other names with ':' are models (`qwen3:0.6b`), other names without are
+namespaces. Known ambiguity: a library model whose name has a dot and whose tag is all digits
+(`qwen2.5:7`) reads as a host at the root and cannot be reached there (it can through
+`manifests/`). Every part is validated by the model name grammar before anything else
+happens, so `..`, control characters and absurd lengths never reach the registry or the disk.
+
+Each model has exactly one directory: `<mnt>/library/...` and `<mnt>/registry.ollama.ai/<ns>/`
+for any other namespace are refused, as they would alias one.
 
 Pure bookkeeping, no I/O: the filesystem operations ask this tree what a name is and resolve
 models themselves. Inodes are never reused within a mount (the tree only grows).
@@ -25,9 +34,13 @@ import re
 
 from modelfs.cache.errors import InvalidName
 from modelfs.fetcher.manifest import Layer, Manifest
-from modelfs.fetcher.names import ModelName, Registry, validate_part
+from modelfs.fetcher.names import DEFAULT_HOST, DEFAULT_NAMESPACE, ModelName, Registry, \
+    validate_part
+
+from .ollamaview import VIEW_ROOTS, OllamaView
 
 ROOT_INODE = 1
+_DIR_KINDS = ("root", "host", "namespace", "model", *OllamaView.DIR_KINDS)
 
 _FILE_NAMES = {
     "application/vnd.ollama.image.model": ("model", ".gguf"),
@@ -66,7 +79,7 @@ class Node:
     inode: int
     parent: int
     name: str
-    kind: str  # "root", "host", "namespace", "model", "file", "data"
+    kind: str  # _DIR_KINDS, "file" (a blob), "data" (manifest bytes)
     host: str | None = None
     namespace: str | None = None
     model: ModelName | None = None
@@ -77,7 +90,7 @@ class Node:
 
     @property
     def is_dir(self) -> bool:
-        return self.kind in ("root", "host", "namespace", "model")
+        return self.kind in _DIR_KINDS
 
     @property
     def size(self) -> int:
@@ -90,7 +103,7 @@ class Node:
 
 @dataclasses.dataclass(frozen=True)
 class ChildModel:
-    """A lookup that names a model: resolve it, then `add_model`."""
+    """A lookup that names a model: resolve it, `add_model`, then classify the entry again."""
     name: ModelName
 
 
@@ -99,10 +112,12 @@ class Tree:
         self.registry = registry
         self.nodes: dict[int, Node] = {}
         self._next = ROOT_INODE
-        self.root = self._new(ROOT_INODE, "", "root", mtime_ns=mtime_ns)
-        self.root.host = registry.host
+        self.root = self.new(ROOT_INODE, "", "root", mtime_ns=mtime_ns)
+        self.root.host = DEFAULT_HOST
+        self.ollama = OllamaView(self)
 
-    def _new(self, parent: int, name: str, kind: str, **fields) -> Node:
+    def new(self, parent: int, name: str, kind: str, **fields) -> Node:
+        """A new node (the only way inodes are made)."""
         node = Node(self._next, parent, name, kind, **fields)
         self._next += 1
         self.nodes[node.inode] = node
@@ -112,6 +127,10 @@ class Tree:
 
     def get(self, inode: int) -> Node | None:
         return self.nodes.get(inode)
+
+    def listing(self, node: Node) -> dict[str, int]:
+        """What `readdir` shows of a directory: name -> inode."""
+        return self.ollama.listing(node) if node.kind in OllamaView.DIR_KINDS else node.children
 
     def files_of(self, digest: str) -> list[int]:
         """Inodes of the files that show blob `digest` (one per model that has it)."""
@@ -125,22 +144,27 @@ class Tree:
         inode = parent.children.get(name)
         if inode is not None:
             return self.nodes[inode]
+        if parent.kind in OllamaView.DIR_KINDS:
+            found = self.ollama.classify(parent, name)
+            return ChildModel(found) if isinstance(found, ModelName) else found
         if parent.kind == "root":
-            if name in ("library", self.registry.host):
-                # They would alias the root itself: the library of the default registry is it.
+            if name == DEFAULT_NAMESPACE:
+                # It would alias the root itself: the library of the default registry is it.
                 raise InvalidName(f"{name} models are listed at the top of the mount")
             if ":" in name and not _HOST_PORT_RE.fullmatch(name):
-                return ChildModel(self._model_name(self.registry.host, "library", name))
+                return ChildModel(self._model_name(DEFAULT_HOST, DEFAULT_NAMESPACE, name))
             if "." in name or ":" in name or name == "localhost":
                 validate_part("host", name)
-                return self._new(parent.inode, name, "host", host=name,
-                                 mtime_ns=parent.mtime_ns)
+                return self.new(parent.inode, name, "host", host=name,
+                                mtime_ns=parent.mtime_ns)
             validate_part("namespace", name)
-            return self._new(parent.inode, name, "namespace", host=self.registry.host,
-                             namespace=name, mtime_ns=parent.mtime_ns)
+            return self.new(parent.inode, name, "namespace", host=DEFAULT_HOST,
+                            namespace=name, mtime_ns=parent.mtime_ns)
         if parent.kind == "host":
+            if parent.host == DEFAULT_HOST and name not in VIEW_ROOTS:
+                raise InvalidName(f"{name[:60]!r} of {DEFAULT_HOST} is at the top of the mount")
             validate_part("namespace", name)
-            return self._new(parent.inode, name, "namespace", host=parent.host, namespace=name,
+            return self.new(parent.inode, name, "namespace", host=parent.host, namespace=name,
                              mtime_ns=parent.mtime_ns)
         if parent.kind == "namespace":
             return ChildModel(self._model_name(parent.host, parent.namespace, name))
@@ -150,8 +174,7 @@ class Tree:
         model, sep, tag = entry.partition(":")
         if not sep:
             raise InvalidName(f"model directories are named <model>:<tag>, not {entry[:60]!r}")
-        scheme = self.registry.scheme if host == self.registry.host else "https"
-        return ModelName(host, namespace, model, tag, scheme)
+        return self.registry.name(host, namespace, model, tag)
 
     def model_dir(self, name: ModelName) -> Node | None:
         """The directory of `name` if it is in the tree already."""
@@ -165,12 +188,13 @@ class Tree:
         if existing is not None:
             return existing
         parent = self._parent_of(name, create=True)
-        node = self._new(parent.inode, self._entry(name), "model", host=name.host,
+        node = self.new(parent.inode, self._entry(name), "model", host=name.host,
                          namespace=name.namespace, model=name, mtime_ns=mtime_ns)
         for file_name, layer in layer_files(manifest):
-            self._new(node.inode, file_name, "file", model=name, layer=layer, mtime_ns=mtime_ns)
-        self._new(node.inode, "manifest.json", "data", model=name, data=manifest.raw,
-                  mtime_ns=mtime_ns)
+            self.new(node.inode, file_name, "file", model=name, layer=layer, mtime_ns=mtime_ns)
+        self.new(node.inode, "manifest.json", "data", model=name, data=manifest.raw,
+                 mtime_ns=mtime_ns)
+        self.ollama.add(name, manifest, mtime_ns)
         return node
 
     @staticmethod
@@ -179,16 +203,19 @@ class Tree:
 
     def _parent_of(self, name: ModelName, *, create: bool) -> Node | None:
         node = self.root
-        path = [] if name.host == self.registry.host else [name.host]
-        if path or name.namespace != "library":
+        # a host directory for other hosts, and for the default host's namespaces that share
+        # a name with the Ollama view's roots
+        host_dir = name.host != DEFAULT_HOST or name.namespace in VIEW_ROOTS
+        path = [name.host] if host_dir else []
+        if path or name.namespace != DEFAULT_NAMESPACE:
             path.append(name.namespace)
         for depth, part in enumerate(path):
             inode = node.children.get(part)
             if inode is None:
                 if not create:
                     return None
-                kind = "host" if depth == 0 and name.host != self.registry.host else "namespace"
-                node = self._new(node.inode, part, kind, host=name.host,
+                kind = "host" if depth == 0 and host_dir else "namespace"
+                node = self.new(node.inode, part, kind, host=name.host,
                                  namespace=part if kind == "namespace" else None,
                                  mtime_ns=node.mtime_ns)
             else:

@@ -378,8 +378,8 @@ async def test_pull_from_nginx_uses_chunksums(world, nginx):
     nginx.start()
     cache = _pull(world, nginx.url)
     raw, doc = _manifest(world, "tiny:q1")
-    host = nginx.url.removeprefix("http://")
-    assert (cache / "manifests" / host / "library" / "tiny" / "q1").read_bytes() == raw
+    assert (cache / "manifests" / "registry.ollama.ai" / "library" / "tiny" / "q1"
+            ).read_bytes() == raw
     model = _model_layer(doc)
     requests = nginx.requests()
     chunksums = [r for r in requests if "/chunksums/" in r["path"]]

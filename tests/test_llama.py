@@ -90,17 +90,35 @@ def llama_python() -> str:
     return sys.executable
 
 
+# llama.cpp's load modes (`--load-mode`): mmap (MAP_POPULATE), none (one read() per tensor),
+# mlock (read() into locked memory), dio (O_DIRECT reads; newer Ollama passes it on some hosts).
+LOAD_MODES = ["mmap", "none", "mlock", "dio"]
+
 # Greedy decoding, token by token: the prompt's tokens, the first N generated token ids, and
 # their bytes. The sampler is greedy (temp 0), so the output depends only on the logits.
+# llama-cpp-python's Llama() sets model_params.load_mode from use_mmap/use_mlock only (none,
+# mmap, mlock, mmap+mlock): for dio, the constant it picks for "none" is set to llama.cpp's
+# own value for the mode's name before the model is loaded. The mode in effect is printed.
 _RUNNER = textwrap.dedent("""
-    import json, sys, time
+    import ctypes, json, resource, sys, time
     import llama_cpp
+    import llama_cpp.llama_cpp as api
 
-    path, use_mmap, n_tokens, prompts = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]), \\
+    path, mode, n_tokens, prompts = sys.argv[1], sys.argv[2], int(sys.argv[3]), \\
         json.loads(sys.argv[4])
+    if mode not in ("mmap", "mlock"):
+        api.LLAMA_LOAD_MODE_NONE = api.llama_load_mode_from_str(mode.encode())
+    mlock_works = None
+    if mode == "mlock":  # can this host lock memory at all? (one page, as llama.cpp would)
+        try:  # the usual 8 MiB limit is less than the model: lift it where we may
+            resource.setrlimit(resource.RLIMIT_MEMLOCK, (resource.RLIM_INFINITY,) * 2)
+        except (ValueError, OSError):
+            pass
+        libc, page = ctypes.CDLL(None, use_errno=True), ctypes.create_string_buffer(8192)
+        mlock_works = libc.mlock(ctypes.addressof(page), ctypes.c_size_t(4096)) == 0
     t0 = time.monotonic()
     llm = llama_cpp.Llama(model_path=path, n_threads=1, n_threads_batch=1, n_ctx=128, seed=1234,
-                          verbose=False, use_mmap=use_mmap)
+                          verbose=True, use_mmap=mode == "mmap", use_mlock=mode == "mlock")
     load = time.monotonic() - t0
     out = []
     for prompt in prompts:
@@ -113,12 +131,15 @@ _RUNNER = textwrap.dedent("""
         out.append({"prompt": prompt, "prompt_tokens": tokens, "tokens": generated,
                     "bytes": llm.detokenize(generated).hex()})
     print(json.dumps({"load_seconds": load, "total_seconds": time.monotonic() - t0,
+                      "load_mode": api.llama_load_mode_name(llm.model_params.load_mode).decode(),
+                      "mlock_works": mlock_works,
                       "n_vocab": llm.n_vocab(), "runs": out}))
 """)
 
 
-def run_llama(python: str, model: pathlib.Path, use_mmap: bool) -> dict:
-    proc = subprocess.Popen([python, "-c", _RUNNER, str(model), "1" if use_mmap else "0",
+def run_llama(python: str, model: pathlib.Path, mode: str) -> dict:
+    """llama.cpp's output for `model` loaded in `mode`, with its log (`stderr`)."""
+    proc = subprocess.Popen([python, "-c", _RUNNER, str(model), mode,
                              str(N_TOKENS), json.dumps(PROMPTS)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -129,11 +150,19 @@ def run_llama(python: str, model: pathlib.Path, use_mmap: bool) -> dict:
             _, stderr = proc.communicate(timeout=10)
         except subprocess.TimeoutExpired:
             stderr = "(still blocked after SIGKILL)"
-        pytest.fail(f"llama.cpp on {model} (use_mmap={use_mmap}) did not finish in "
+        pytest.fail(f"llama.cpp on {model} (load mode {mode}) did not finish in "
                     f"{LLAMA_TIMEOUT} s:\n{_tail(stderr)}")
     assert proc.returncode == 0, \
-        f"llama.cpp on {model} (use_mmap={use_mmap}) exited {proc.returncode}:\n{_tail(stderr)}"
-    return json.loads(stdout.strip().splitlines()[-1])
+        f"llama.cpp on {model} (load mode {mode}) exited {proc.returncode}:\n{_tail(stderr)}"
+    result = json.loads(stdout.strip().splitlines()[-1])
+    result["stderr"] = stderr
+    assert result["load_mode"] == mode, _tail(stderr)
+    # the mode really ran: no silent fallback to buffered reads (dio: the O_DIRECT open and
+    # its aligned reads worked), and memory locked where this host can lock any
+    assert "Falling back" not in stderr, _tail(stderr)
+    if result["mlock_works"]:
+        assert "failed to mlock" not in stderr, _tail(stderr)
+    return result
 
 
 # -- the model, served and mounted ----------------------------------------------------------------
@@ -168,13 +197,13 @@ def served(tmp_path):
         server.stop()
 
 
-@pytest.mark.parametrize("use_mmap", [True, False], ids=["mmap", "read"])
-def test_llama_generates_the_same_tokens_through_a_cold_mount(served, llama_python, use_mmap):
+@pytest.mark.parametrize("mode", LOAD_MODES)
+def test_llama_generates_the_same_tokens_through_a_cold_mount(served, llama_python, mode):
     server, layer, tmp = served["server"], served["layer"], served["tmp"]
     digest, size = layer["digest"], layer["size"]
 
     t0 = time.monotonic()
-    local = run_llama(llama_python, served["source"], use_mmap)
+    local = run_llama(llama_python, served["source"], mode)
     t_local = time.monotonic() - t0
 
     cache = tmp / "cache"
@@ -187,7 +216,7 @@ def test_llama_generates_the_same_tokens_through_a_cold_mount(served, llama_pyth
         assert server.ranges(digest) == []  # mounting and stat fetch no blob bytes
 
         t0 = time.monotonic()
-        mounted = run_llama(llama_python, model, use_mmap)
+        mounted = run_llama(llama_python, model, mode)
         t_mounted = time.monotonic() - t0
 
         # the load went through the mount: the blob came from the server, in ranges that
@@ -205,7 +234,10 @@ def test_llama_generates_the_same_tokens_through_a_cold_mount(served, llama_pyth
     finally:
         mount.cleanup()
 
-    print(f"\nuse_mmap={use_mmap}: local {t_local:.2f} s (load {local['load_seconds']:.3f} s), "
+    if mounted["mlock_works"] is False:
+        print("\n(mlock: this host cannot lock memory at all, not even one page: llama.cpp "
+              "loaded with read() and warned)")
+    print(f"\nload mode {mode}: local {t_local:.2f} s (load {local['load_seconds']:.3f} s), "
           f"cold mount {t_mounted:.2f} s (load {mounted['load_seconds']:.3f} s), "
           f"{len(ranges)} range requests")
 

@@ -75,7 +75,8 @@ def digest_of(world, name="tiny:q1", media="model"):
 
 def test_tree_sizes_and_bytes(world):
     m = world["mount"]("--model", "tiny:q1")
-    assert os.listdir(m.path) == ["tiny:q1"]  # pinned at mount time
+    # pinned at mount time; beside it the Ollama models directory (tests/test_ollama.py)
+    assert sorted(os.listdir(m.path)) == ["blobs", "manifests", "tiny:q1"]
     model_dir = m.path / "tiny:q1"
     assert sorted(os.listdir(model_dir)) == ["license", "manifest.json", "model.gguf",
                                              "params.json", "system", "template"]
@@ -108,8 +109,8 @@ def test_tree_sizes_and_bytes(world):
     assert exc.value.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTSUP)
     # all blobs in: the cache is a complete Ollama model, manifest promoted
     deadline = time.monotonic() + 10
-    promoted = m.cache / "manifests" / world["server"].url.removeprefix("http://") / \
-        "library" / "tiny" / "q1"
+    # (under Ollama's name for it, not the address it came from)
+    promoted = m.cache / "manifests" / "registry.ollama.ai" / "library" / "tiny" / "q1"
     while not promoted.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert promoted.read_bytes() == raw
@@ -384,3 +385,23 @@ def test_mount_errors_are_one_line(world):
                                        world["server"].url, "--cache", str(busy.cache)],
                             capture_output=True, text=True)
     assert second.returncode == 1 and "already a mount point" in second.stderr
+
+
+def test_o_direct_opens_and_aligned_reads(world):
+    """What llama.cpp's `dio` load mode does (tests/test_llama.py runs it): O_DIRECT opens,
+    page-aligned buffers, aligned offsets, the last block short. A cold mount."""
+    m = world["mount"]()
+    source = world["sources"]["tiny:q1"].read_bytes()
+    size = len(source)
+    assert size % 4096  # the last block is partial
+    fd = os.open(m.path / "tiny:q1" / "model.gguf", os.O_RDONLY | os.O_DIRECT)
+    buf = mmap.mmap(-1, 1 << 20)  # page-aligned
+    try:
+        for off in (3 * MiB + 4096, 0, size - size % 4096, size - (size % 4096) - (1 << 19)):
+            n = os.preadv(fd, [buf], off)
+            assert n == min(1 << 20, size - off), off
+            assert buf[:n] == source[off:off + n], off
+        assert os.preadv(fd, [buf], size + 4096 - size % 4096) == 0  # past the end
+    finally:
+        os.close(fd)
+        buf.close()

@@ -30,13 +30,27 @@ def test_parse_invalid_names(text):
         parse_name(text)
 
 
-def test_registry_override_for_names_without_host():
+def test_registry_says_where_from_not_what_a_name_is():
     reg = Registry.from_url("http://127.0.0.1:8080")
     n = parse_name("tiny", reg)
+    # fetched from the registry, called and stored as Ollama calls it
     assert (n.base_url, n.store_parts) == ("http://127.0.0.1:8080",
-                                           ("127.0.0.1:8080", "library", "tiny", "latest"))
-    # a name with its own host keeps it
+                                           ("registry.ollama.ai", "library", "tiny", "latest"))
+    assert str(n) == "registry.ollama.ai/library/tiny:latest" and n.short() == "tiny:latest"
+    # the same model served from another port, or from the public registry, is the same model
+    other = parse_name("tiny", Registry.from_url("http://127.0.0.1:9090"))
+    assert other == n == parse_name("tiny") and len({n, other}) == 1
+    assert other.base_url == "http://127.0.0.1:9090"
+    assert parse_name("tiny").base_url == "https://registry.ollama.ai"
+    # a name with its own host keeps it, and is fetched from it
     assert parse_name("example.com/a/b", reg).base_url == "https://example.com"
+    assert parse_name("http://example.com/a/b", reg).base_url == "http://example.com"
+    # the registry's own address typed as a host is a host of its own, reached as configured
+    own = parse_name("127.0.0.1:8080/alice/tiny", reg)
+    assert own.store_parts == ("127.0.0.1:8080", "alice", "tiny", "latest") and own != \
+        parse_name("alice/tiny", reg)
+    assert own.base_url == "http://127.0.0.1:8080"
+    assert reg.name("registry.ollama.ai", "library", "tiny", "latest") == n
 
 
 @pytest.mark.parametrize("url", ["ftp://x", "http://h/path", "http://u:p@h", "http://bad host"])

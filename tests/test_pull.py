@@ -51,8 +51,8 @@ async def test_round_trip_matches_source_and_ollama_layout(live_registry, cache,
     result = await pull(name, client, cache, chunk_size=1 * MiB)
 
     # the manifest, byte for byte, where Ollama keeps it
-    host = reg.url.removeprefix("http://")
-    path = cache.root / "manifests" / host / "library" / "tiny" / "q1"
+    # (under Ollama's host for the name, not the address it was fetched from)
+    path = cache.root / "manifests" / "registry.ollama.ai" / "library" / "tiny" / "q1"
     assert path.read_bytes() == imported.manifest
     # every layer, same bytes as the source models dir, named as Ollama names them
     layers = [imported.config, *imported.layers]
