@@ -93,12 +93,20 @@ class GroupSync:
 
     The first waiter that finds no sync under way leads the next one: it gathers writes (until
     the interval is up, `hurry`, or the budget presses), syncs and records; everyone else rides
-    along on `_next`. A leader cancelled meanwhile hands over: the next waiter leads."""
+    along on `_next`. A leader cancelled meanwhile hands over: the next waiter leads.
+
+    Writes already under way for the file (`writing()`: how many chunks taken in wait for their
+    write behind, or are being written) join the sync the leader is about to start, for at most another interval: a sync
+    started while they land covers none of them, and under a pressed budget the next would
+    start at once again, for one chunk each (measured: 64 chunks in a burst took 42-44 syncs,
+    about 1.5 chunks each)."""
 
     def __init__(self, fd: int, limiter: trio.CapacityLimiter, interval: float = 0.5, *,
-                 budget: UnrecordedBudget, on_durable: Callable[[int], None]):
+                 budget: UnrecordedBudget, on_durable: Callable[[int], None],
+                 writing: Callable[[], int] = lambda: 0):
         self._fd, self._limiter, self._interval = fd, limiter, interval
-        self._budget, self._on_durable = budget, on_durable
+        self._budget, self._on_durable, self._writing = budget, on_durable, writing
+        self._landed: trio.Event | None = None  # set when a write ends, while a leader waits
         self._written = self._synced = 0
         self._last = -interval
         self._next: trio.Event | None = None  # set when the sync being gathered or run is done
@@ -113,8 +121,15 @@ class GroupSync:
             self._wake.set()
 
     def wrote(self) -> int:
+        """A write to the file is done; its generation (the first sync after it covers it)."""
         self._written += 1
+        self.write_ended()
         return self._written
+
+    def write_ended(self) -> None:
+        """A write under way ended (done, or failed): a leader waiting for it looks again."""
+        if self._landed is not None:
+            self._landed.set()
 
     async def wait_durable(self, generation: int) -> None:
         while self._synced < generation:
@@ -135,15 +150,25 @@ class GroupSync:
                 done.set()
 
     async def _gather(self) -> None:
-        """Let more writes join this sync, while there is time and room for them."""
+        """Let more writes join this sync, while there is time and room for them; then the
+        writes under way, for at most another interval."""
         wait = self._last + self._interval - trio.current_time()
-        if wait <= 0 or self._hurried:
-            return
-        self._wake = trio.Event()
-        self._budget.notify(self._wake)
-        try:
-            with trio.move_on_after(wait):
-                await self._wake.wait()
-        finally:
-            self._budget.forget(self._wake)
-            self._wake = None
+        if wait > 0 and not self._hurried:
+            self._wake = trio.Event()
+            self._budget.notify(self._wake)
+            try:
+                with trio.move_on_after(wait):
+                    await self._wake.wait()
+            finally:
+                self._budget.forget(self._wake)
+                self._wake = None
+        # (the ones under way now, not the ones that start meanwhile: under a steady stream
+        # that would hold the sync until the budget is full, and the stream with it)
+        target = self._written + self._writing()
+        with trio.move_on_after(self._interval):
+            while self._written < (target := min(target, self._written + self._writing())):
+                self._landed = trio.Event()
+                try:
+                    await self._landed.wait()
+                finally:
+                    self._landed = None

@@ -122,7 +122,7 @@ class PartialBlob:
 
     def _group_sync(self) -> GroupSync:
         return GroupSync(self._io.fd, self._limiter, self._sync_interval, budget=self._unrecorded,
-                         on_durable=self._record_durable)
+                         on_durable=self._record_durable, writing=self._io.writing)
 
     @property
     def has_chunk_digests(self) -> bool:
@@ -251,6 +251,7 @@ class PartialBlob:
         kept for the sealer) again when wanted."""
         unchecked = self.landed[i] or self.chunks[i].digest is None
         self._states.write_failed(i)  # (and out of the budget)
+        self._sync.write_ended()
         self._sealer.drop_early(i)
         if unchecked:
             self._sealer.forget_hashed(i)

@@ -127,6 +127,10 @@ class WriteBack:
 
     # -- writes behind ---------------------------------------------------------------------------
 
+    def writing(self) -> int:
+        """How many chunks taken in wait for their write behind (or are being written)."""
+        return len(self._pending)
+
     def full(self, length: int) -> bool:
         """Whether a receiver of `length` more bytes must wait for pending writes."""
         return bool(self._pending) and self._pending_bytes + length > PENDING_LIMIT
