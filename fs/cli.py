@@ -25,6 +25,7 @@ from modelfs.cache.errors import ModelfsError
 from modelfs.fetcher import __version__
 
 from .ops import PREFETCH_MODES
+from .progress import BarProgress, LogProgress
 from .sizes import format_size, size_arg, size_or_zero_arg
 
 log = logging.getLogger("modelfs")
@@ -129,48 +130,6 @@ def cmd_serve(args) -> int:
 
 # -- pull -----------------------------------------------------------------------------------
 
-class _LogProgress:
-    """Plain progress lines for logs and pipes: at most one every few seconds."""
-
-    def __init__(self, label: str, interval: float = 2.0):
-        self.label, self.interval = label, interval
-        self.total = self.done = 0
-        self.start = self.last = time.monotonic()
-
-    def begin(self, total: int) -> None:
-        self.total = total
-
-    def __call__(self, n: int) -> None:
-        self.done += n
-        now = time.monotonic()
-        if now - self.last >= self.interval or self.done >= self.total:
-            self.last = now
-            rate = self.done / max(now - self.start, 1e-6)
-            print(f"{self.label}: {format_size(self.done)} / {format_size(self.total)} "
-                  f"({format_size(rate)}/s)", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        pass
-
-
-class _BarProgress:
-    def __init__(self, label: str):
-        self.label, self.bar = label, None
-
-    def begin(self, total: int) -> None:
-        from tqdm import tqdm
-        self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                        desc=self.label, file=sys.stderr, dynamic_ncols=True)
-
-    def __call__(self, n: int) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def cmd_pull(args) -> int:
     from modelfs.cache.blobcache import BlobCache
     from modelfs.cache.store import ModelsDir
@@ -184,7 +143,7 @@ def cmd_pull(args) -> int:
         raise UsageError(f"--chunk-size must be at most {MAX_CHUNK_BYTES >> 20}M")
     _check_fetch_unit(args)
     label = f"pulling {name.short()}"
-    progress = _BarProgress(label) if sys.stderr.isatty() else _LogProgress(label)
+    progress = BarProgress(label) if sys.stderr.isatty() else LogProgress(label)
     started = time.monotonic()
 
     async def main():
@@ -231,7 +190,8 @@ def cmd_mount(args) -> int:
                         max_fetches=args.max_fetches, max_inflight=args.max_inflight,
                         prefetch=args.prefetch, readahead=args.readahead,
                         cache_max=args.cache_max, min_free=args.min_free,
-                        fetch_unit=args.fetch_unit, metrics=args.metrics)
+                        fetch_unit=args.fetch_unit, metrics=args.metrics,
+                        source=args.registry)
     if args.foreground:
         return run_foreground(opts)
     return run_background(opts, opts.cache / "mount.log")
@@ -430,12 +390,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("mountpoint", type=pathlib.Path)
     p.add_argument("--lazy", "-z", action="store_true", help="detach even if files are open")
     p.set_defaults(func=cmd_unmount)
+    parser.commands = sub.choices  # (the mount helper form is told apart by them)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
-    args = parser.parse_args(argv)
+    if argv and argv[0] not in parser.commands and not argv[0].startswith("-"):
+        from .mountopts import mount_helper
+        return mount_helper(parser, argv, run)
+    return run(parser.parse_args(argv))
+
+
+def run(args) -> int:
     level = logging.WARNING - 10 * args.verbose
     if args.command == "serve" or (args.command == "mount" and args.foreground):
         level = min(level, logging.INFO)  # one line per request / what the mount does

@@ -33,8 +33,10 @@ from modelfs.fetcher.names import Registry, parse_name
 from modelfs.fetcher.prefetch import PrefetchConfig
 from modelfs.fetcher.resolver import ModelResolver
 
+from .notify import notify
 from .ops import ModelOps
 from .pagecache import KernelPageCache
+from .pidfiles import alive, pid_file, write_pid
 from .status import MountStatus, serve_status
 from .tree import Tree
 
@@ -61,6 +63,7 @@ class MountOptions:
     min_free: int | None = None
     fetch_unit: int = FETCH_UNIT
     metrics: tuple[str, int] | None = None  # (host, port) of a metrics page
+    source: str | None = None  # the registry as given (--registry, the mount helper's SOURCE)
 
 
 # -- the kernel's view of mounts ------------------------------------------------------------
@@ -148,31 +151,7 @@ def prepare_mountpoint(path: pathlib.Path) -> None:
         raise MountError(f"mount point {path} is not a directory")
 
 
-# -- pid files, so `unmount` can wait for the daemon to finish ----------------------------------
-
-def _runtime_dir() -> pathlib.Path:
-    base = os.environ.get("XDG_RUNTIME_DIR") or ("/run" if os.getuid() == 0 else "/tmp")
-    return pathlib.Path(base) / "modelfs"
-
-
-def pid_file(mountpoint: os.PathLike | str) -> pathlib.Path:
-    key = os.path.abspath(mountpoint).strip("/").replace("/", "_") or "root"
-    return _runtime_dir() / f"{key[-200:]}.pid"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie of ours (foreground tests) counts as gone
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
+# -- unmount ----------------------------------------------------------------------------------
 
 def unmount(mountpoint: pathlib.Path, *, lazy: bool = False, wait: float = 45.0) -> None:
     stale = is_stale(mountpoint)
@@ -185,7 +164,7 @@ def unmount(mountpoint: pathlib.Path, *, lazy: bool = False, wait: float = 45.0)
     except (OSError, ValueError):
         return
     deadline = time.monotonic() + wait
-    while _alive(pid) and time.monotonic() < deadline:
+    while alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
 
 
@@ -196,7 +175,10 @@ def fuse_options(opts: MountOptions) -> set[str]:
     already come at the kernel's ceiling of 1 MiB. The readahead window (tune_readahead) is
     what makes large sequential reads fast; max_background keeps the kernel's 12 (README)."""
     options = set(pyfuse3.default_options)
-    options |= {"fsname=modelfs", "subtype=modelfs", "ro"}
+    # the source as the user gave it (an fstab line's first field): mount(8) and systemd find
+    # an fstab entry mounted by it (`mount -a` skips it instead of mounting it again)
+    fsname = (opts.source or "modelfs").replace("\\", "\\\\").replace(",", "\\,")
+    options |= {f"fsname={fsname}", "subtype=modelfs", "ro"}
     if opts.allow_other:
         options.add("allow_other")
     return options
@@ -232,8 +214,20 @@ async def _watch_signals(state: dict, task_status=trio.TASK_STATUS_IGNORED) -> N
             return
 
 
+async def _announce_when_answering(mountpoint: pathlib.Path, ready) -> None:
+    """Tell whoever waits (the parent of a background daemon, hence mount(8); systemd) once the
+    mount answers, not merely exists: the kernel holds requests to a new FUSE mount until the
+    loop has answered its INIT, so a statfs from a thread returns only once pyfuse3 serves."""
+    try:
+        await trio.to_thread.run_sync(os.statvfs, mountpoint, abandon_on_cancel=True)
+    except OSError as exc:
+        raise MountError(f"the new mount at {mountpoint} does not answer: {exc}") from None
+    ready(None)
+    await trio.to_thread.run_sync(notify, "READY=1", f"STATUS=serving {mountpoint}")
+
+
 async def serve_mount(opts: MountOptions, ready) -> None:
-    """Mount, call `ready(None)` once the mount is visible, serve until unmounted."""
+    """Mount, call `ready(None)` once the mount answers, serve until unmounted."""
     # readers first: sealing waits for them and hashes at low priority (cache/lowprio.py)
     # --max-inflight bounds what a crash costs too: chunks verified and not yet recorded
     cache = BlobCache(opts.cache, cap=opts.cache_max, min_free=opts.min_free,
@@ -307,9 +301,10 @@ async def _serve(opts, cache, client, nursery, ready, state) -> None:
         nursery.start_soon(tune_readahead, opts.mountpoint, opts.readahead)
     log.info("mounted %s (cache %s, registry %s)", opts.mountpoint, cache.root,
              opts.registry.url)
-    ready(None)
+    nursery.start_soon(_announce_when_answering, opts.mountpoint, ready)
     try:
         await pyfuse3.main()
+        notify("STOPPING=1")  # (the loop has stopped serving: a blocking send is harmless)
         with trio.move_on_after(10, shield=True):
             try:
                 await cache.commit_pending()
@@ -332,7 +327,7 @@ async def _serve(opts, cache, client, nursery, ready, state) -> None:
 
 def run_foreground(opts: MountOptions) -> int:
     prepare_mountpoint(opts.mountpoint)
-    _write_pid(opts.mountpoint)
+    write_pid(opts.mountpoint)
 
     def ready(error):
         if error is None:
@@ -343,23 +338,6 @@ def run_foreground(opts: MountOptions) -> int:
     finally:
         pid_file(opts.mountpoint).unlink(missing_ok=True)
     return 0
-
-
-def _write_pid(mountpoint) -> None:
-    path = pid_file(mountpoint)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _forget_dead_daemons(path.parent)
-    path.write_text(f"{os.getpid()}\n")
-
-
-def _forget_dead_daemons(runtime_dir: pathlib.Path) -> None:
-    """Pid files of daemons that died without cleaning up (SIGKILL) would pile up."""
-    for other in runtime_dir.glob("*.pid"):
-        try:
-            if not _alive(int(other.read_text())):
-                other.unlink(missing_ok=True)
-        except (OSError, ValueError):
-            continue
 
 
 def run_background(opts: MountOptions, log_file: pathlib.Path) -> int:
@@ -396,7 +374,7 @@ def _daemon(opts: MountOptions, log_file: pathlib.Path, pipe_fd: int) -> int:
         f"%(asctime)s [{os.getpid()}] %(name)s %(levelname)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(min(root.level, logging.INFO) if root.level else logging.INFO)
-    _write_pid(opts.mountpoint)
+    write_pid(opts.mountpoint)
     reported = False
 
     def ready(error):

@@ -121,13 +121,16 @@ class Mount:
         self.lives: list[tuple[pathlib.Path, bool]] = []  # (cache, stopped by unmount) each start
 
     def start(self, check: bool = True) -> subprocess.CompletedProcess:
+        return self.run(MODELFS + ["mount", str(self.path), "--registry", self.registry,
+                                   "--cache", str(self.cache), *self.extra], check)
+
+    def run(self, command: list[str], check: bool = True) -> subprocess.CompletedProcess:
+        """Mount by `command` (`modelfs mount`, mount(8), ...), which prints the daemon's pid."""
         self.path.mkdir(exist_ok=True)
         if self not in started:
             started.append(self)
         self.lives.append((self.cache, False))
-        result = subprocess.run(
-            MODELFS + ["mount", str(self.path), "--registry", self.registry, "--cache",
-                       str(self.cache), *self.extra], capture_output=True, text=True, timeout=60)
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60)
         if check:
             assert result.returncode == 0, result.stderr
         m = re.search(r"daemon pid (\d+)", result.stdout)
