@@ -174,12 +174,12 @@ class _Fetch:
         slots = trio.Semaphore(max(1, self.concurrency))
 
         async def watch(blob: PartialBlob, i: int, flight) -> None:
-            try:
-                await self.engine.wait(flight)
-            finally:
-                slots.release()
+            await self.engine.wait(flight)
             if flight.error is not None and not blob.fetched(i):
+                # (its slot is not given back: the next chunk is not wanted before the
+                # error has cancelled the pull; --concurrency 1 made one request too many)
                 raise flight.error
+            slots.release()
             length = blob.chunks[i].length
             self.result.fetched_bytes += length
             self.result.fetched_chunks += 1

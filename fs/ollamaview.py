@@ -14,10 +14,12 @@ not there (ENOENT): Ollama reads a manifest before its blobs.
 
 Ollama's start-up prune lists `blobs/` and removes what no manifest names: every blob listed
 here is named by a manifest listed here, and the mount is read-only, so a removal is EROFS.
-It then removes empty directories under `manifests/`, and an error there ends `ollama serve`
-(server/routes.go: PruneDirectory's error is returned from Serve): so a directory made by the
-lookup of a name that does not exist is not listed, and only `manifests/` itself can be empty
-(a mount that knows no model yet: hence OLLAMA_NOPRUNE=1 in the README).
+It then removes empty directories under `manifests/`, `manifests/` itself included, and an
+error there ends `ollama serve` (server/routes.go: PruneDirectory's error is returned from
+Serve): so a directory made by the lookup of a name that does not exist is not listed, and
+`manifests/` always holds a small file, `.modelfs` (PruneDirectory leaves files alone, and
+a directory with an entry is not empty), for a mount that knows no model yet. Ollama's own
+listing globs four levels, `manifests/*/*/*/*`, which a file at the first level never is.
 
 Pure bookkeeping, no I/O, like the tree whose nodes these are (fs/tree.py owns the inodes).
 """
@@ -30,6 +32,11 @@ from modelfs.fetcher.manifest import Manifest
 from modelfs.fetcher.names import ModelName, validate_part
 
 VIEW_ROOTS = ("manifests", "blobs")
+PLACEHOLDER = ".modelfs"
+_PLACEHOLDER_TEXT = (b"The models a modelfs mount knows, as an Ollama models directory: "
+                     b"manifests/<host>/<namespace>/<model>/<tag>. (This file keeps the "
+                     b"directory from being empty, which Ollama's start-up prune would try "
+                     b"to remove.)\n")
 # manifests/, manifests/<host>/, .../<namespace>/, .../<model>/ (whose entries are tags)
 _LEVELS = ("manifests", "manifests-host", "manifests-namespace", "manifests-model")
 
@@ -41,6 +48,8 @@ class OllamaView:
         self._tree = tree
         root = tree.root
         self.manifests = tree.new(root.inode, "manifests", "manifests", mtime_ns=root.mtime_ns)
+        tree.new(self.manifests.inode, PLACEHOLDER, "data", data=_PLACEHOLDER_TEXT,
+                 mtime_ns=root.mtime_ns)
         self.blobs = tree.new(root.inode, "blobs", "blobs", mtime_ns=root.mtime_ns)
 
     def classify(self, parent, name: str):

@@ -86,7 +86,7 @@ async def test_a_tag_file_resolves_the_model_and_reads_as_its_manifest(ops):
     assert sorted(ops.tree.files_of("sha256:" + "1" * 64)) == sorted(
         [model, blobs.children["sha256-" + "1" * 64]])
     # four levels, as Ollama globs them
-    assert _names(await _path(ops, "manifests")) == ["registry.ollama.ai"]
+    assert _names(await _path(ops, "manifests")) == [".modelfs", "registry.ollama.ai"]
     assert _names(await _path(ops, "manifests", "registry.ollama.ai", "library", "m")) == ["q1"]
 
 
@@ -150,9 +150,9 @@ async def test_directories_of_names_that_do_not_exist_are_not_listed(ops):
         await _path(ops, "manifests", "example.com", "alice", "nosuch", "latest")
     assert exc.value.errno == errno.ENOENT
     manifests = await _path(ops, "manifests")
-    assert ops.tree.listing(manifests) == {}
+    assert list(ops.tree.listing(manifests)) == [".modelfs"]  # (never empty: see ollamaview)
     await _path(ops, "manifests", "registry.ollama.ai", "library", "m", "q1")
-    assert list(ops.tree.listing(manifests)) == ["registry.ollama.ai"]
+    assert list(ops.tree.listing(manifests)) == [".modelfs", "registry.ollama.ai"]
     # (still there for lookups: the kernel may hold their inodes)
     assert (await _path(ops, "manifests", "example.com", "alice")).is_dir
     assert list(ops.tree.listing(ops.tree.root)) == ["manifests", "blobs", "m:q1"]
