@@ -135,6 +135,8 @@ class ChunkStates:
                        for p in present]
         assert len(self._slots) == len(lengths)
         self._written: set[int] = set()  # chunks in WRITTEN or WRITTEN_LANDED (for syncs)
+        # chunks in a present state: `complete` is asked on every read, in O(1)
+        self._present = sum(s.state in _PRESENT for s in self._slots)
         self.present = _View(self._slots, _PRESENT)
         self.readable = _View(self._slots, _READABLE)
         self.landed = _View(self._slots, _LANDED)
@@ -167,7 +169,7 @@ class ChunkStates:
         return self._slots[i].state in _UNRECORDED
 
     def complete(self) -> bool:
-        return all(s.state in _PRESENT for s in self._slots)
+        return self._present == len(self._slots)
 
     def generation(self, i: int) -> int:
         return self._slots[i].generation
@@ -212,6 +214,7 @@ class ChunkStates:
             slot.state = S.ABSENT
             self.uncount(i)
         self._written.clear()
+        self._present = 0
 
     def uncount(self, i: int) -> None:
         """Give chunk `i`'s share of the budget back, its state unchanged (nobody will record
@@ -237,6 +240,7 @@ class ChunkStates:
         to = _MOVES[name].get(slot.state)
         if to is None:
             raise IllegalTransition(f"chunk {i}: {name} from {slot.state.value}")
+        self._present += (to in _PRESENT) - (slot.state in _PRESENT)
         slot.state = to
         self._written.discard(i)
         if to in _PRESENT or to is S.ABSENT:

@@ -90,3 +90,29 @@ async def test_eviction_failure_and_forgetting_give_shares_back():
     s.forget_all()
     assert budget.held == 0 and not any(s.in_file(i) for i in range(4))
     assert s.written_upto(10) == []
+
+
+def test_complete_follows_every_transition():
+    """`complete` is counted, not scanned (it is asked on every read): after any sequence of
+    legal transitions it says what the states say."""
+    import random
+
+    from modelfs.cache.chunkstate import _MOVES
+
+    rng = random.Random(5)
+    s = states([ABSENT, VERIFIED, LANDED, ABSENT, VERIFIED])
+    for _ in range(2000):
+        i = rng.randrange(5)
+        legal = [name for name, moves in _MOVES.items() if s.state(i) in moves]
+        name = rng.choice(legal + ["forget_all"])
+        if name == "forget_all":
+            if rng.random() < 0.05:
+                s.forget_all()
+        elif name in ("verified_pending", "landed_pending"):
+            getattr(s, name)(i, share=0)
+        elif name == "written":
+            s.written(i, generation=1)
+        else:
+            getattr(s, name)(i)
+        assert s.complete() == all(s.present)
+    assert not s.complete() or all(s.present)
