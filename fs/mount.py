@@ -28,7 +28,6 @@ from modelfs.fetcher.client import ClientConfig, RegistryClient
 from modelfs.fetcher.engine import FetchEngine
 from modelfs.fetcher.groups import first_error
 from modelfs.fetcher.materializer import Materializer
-from modelfs.fetcher.metrics import MountCollector, serve_metrics
 from modelfs.fetcher.names import Registry, parse_name
 from modelfs.fetcher.prefetch import PrefetchConfig
 from modelfs.fetcher.resolver import ModelResolver
@@ -293,6 +292,9 @@ async def _serve(opts, cache, client, nursery, ready, state) -> None:
                          engine=engine, readers=cache.readers, page_cache=page_cache)
     await nursery.start(serve_status, cache.root, status)
     if opts.metrics is not None:
+        # (imported only then: prometheus-client and hypercorn cost a mount without
+        # --metrics memory and start-up time for nothing)
+        from modelfs.fetcher.metrics import MountCollector, serve_metrics
         await nursery.start(serve_metrics, opts.metrics, MountCollector(status))
     await nursery.start(_watch_signals, state)
     pyfuse3.init(ops, str(opts.mountpoint), fuse_options(opts))
