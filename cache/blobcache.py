@@ -43,12 +43,14 @@ from .store import ModelsDir
 log = logging.getLogger(__name__)
 
 
-def _resumes(known: list[Chunk], new: list[Chunk], digest: str) -> bool:
+def resumes(known: list[Chunk], new: list[Chunk], digest: str) -> bool:
     """Whether a blob cached in the units `known` is resumed as it is when asked for in the
     units `new`, rather than started over: when both group the same registry chunks (another
     --fetch-unit, or a list stored before units), or when `new` is the layer as one chunk that
     no list was asked for (a small layer) and `known` has digests (the registry's list, as
     trusted as the layer digest: a list that lied fails the seal, which discards it)."""
+    if not known or not new or known[-1].end != new[-1].end:
+        return known == new
     if same_registry_chunks(known, new):
         return True
     shortcut = len(new) == 1 and new[0].digest == digest
@@ -232,7 +234,8 @@ class BlobCache:
         digest = parse_digest(digest)
         check_coverage(chunks, size)
         blob = self._open.get(digest)
-        if blob is not None and not blob.sealed and _resumes(blob.chunks, chunks, digest):
+        if blob is not None and not blob.sealed and blob.size == size and \
+                resumes(blob.chunks, chunks, digest):
             blob.check_whole = check_whole and blob.has_chunk_digests
             return blob
         # what the budget counts for this blob now (as DiskBudget._resync does), should it
@@ -248,7 +251,7 @@ class BlobCache:
         stored = self.index.load(digest)
         if stored is not None:
             counted += self.index.present_bytes(digest, stored[0])
-            if stored[0] == size and _resumes(stored[1], chunks, digest):
+            if stored[0] == size and resumes(stored[1], chunks, digest):
                 chunks = stored[1]
         if stored is not None and stored[0] == size and stored[1] == chunks and path.exists():
             present = stored[2]

@@ -40,12 +40,11 @@ from typing import Awaitable, Callable
 
 import trio
 
-from modelfs.cache.blobcache import BlobCache
+from modelfs.cache.blobcache import BlobCache, resumes
 from modelfs.cache.chunkbuf import ChunkBuffer
 from modelfs.cache.chunks import DEFAULT_CHUNK_SIZE
 from modelfs.cache.errors import CacheFull
 from modelfs.cache.partial import PartialBlob
-from modelfs.cache.units import same_registry_chunks
 
 from .client import RegistryClient
 from .deadline import ProgressDeadline
@@ -286,7 +285,7 @@ class Materializer:
                                                       WHOLE_UP_TO)
                 blob = self._blob(state)
                 # (none: sealed or dropped meanwhile; the next read opens what it needs)
-                if blob is not None and not same_registry_chunks(plan.chunks, blob.chunks):
+                if blob is not None and not resumes(blob.chunks, plan.chunks, layer.digest):
                     log.info("registry changed the chunk list of %s; starting it over",
                              layer.digest[:19])
                     self._cache.open_partial(layer.digest, layer.size, plan.chunks)

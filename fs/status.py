@@ -30,6 +30,7 @@ import trio
 log = logging.getLogger("modelfs.fs")
 
 SOCKET_NAME = "status.sock"
+ANSWER_TIMEOUT = 5.0  # seconds a client may take to read its answer
 _MAX_UNIX_PATH = 100  # sun_path is 108 bytes; keep a margin
 
 
@@ -106,10 +107,15 @@ async def serve_status(cache_dir: os.PathLike, status: MountStatus, *,
         task_status.started()
 
         async def answer(stream: trio.SocketStream) -> None:
+            # A convenience: whatever goes wrong here (an index or stat error in the snapshot,
+            # a client that never reads) must not reach the mount's nursery and unmount it.
             try:
-                await stream.send_all(json.dumps(status.snapshot()).encode())
+                with trio.move_on_after(ANSWER_TIMEOUT):
+                    await stream.send_all(json.dumps(status.snapshot()).encode())
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass  # the client went away
+            except Exception:
+                log.exception("answering `modelfs status` failed")
             finally:
                 await stream.aclose()
 

@@ -137,3 +137,29 @@ def test_metrics_address_is_checked(tmp_path):
     out = subprocess.run(MODELFS + ["mount", str(tmp_path / "mnt"), "--metrics", "nowhere"],
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 2 and "HOST:PORT" in out.stderr
+
+
+async def test_a_failing_status_answer_does_not_end_the_mount(tmp_path):
+    """The status socket is a convenience: a snapshot that raises (an index or stat error) is
+    logged and the connection closed; the server, and the nursery it shares with the mount,
+    go on answering."""
+    import trio
+
+    from modelfs.fs.status import query, serve_status
+
+    class Flaky:
+        calls = 0
+
+        def snapshot(self):
+            self.calls += 1
+            if self.calls == 1:
+                raise PermissionError(13, "Permission denied")
+            return {"models": [], "ok": self.calls}
+
+    status = Flaky()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve_status, tmp_path, status)
+        assert await trio.to_thread.run_sync(query, tmp_path) is None  # closed without an answer
+        assert (await trio.to_thread.run_sync(query, tmp_path))["ok"] == 2
+        nursery.cancel_scope.cancel()
+    assert not (tmp_path / "status.sock").exists()
