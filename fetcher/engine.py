@@ -120,14 +120,6 @@ class FetchEngine:
         self._queue.push((digest, i), priority, (requester, i))
         return flight
 
-    def flight(self, digest: str, i: int) -> Flight | None:
-        return self._flights.get((digest, i))
-
-    def queued_at(self, digest: str, i: int) -> int | None:
-        """The priority chunk `i` waits at (or runs at), None when it has no job."""
-        job = self._queue.job((digest, i))
-        return None if job is None else job.priority
-
     def call_off(self, digest: str, i: int) -> None:
         """Nobody wants chunk `i` in the background any more: a background job that did not
         start is dropped, and a flight without a job ends (its waiters look again). A job

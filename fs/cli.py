@@ -207,11 +207,6 @@ def cmd_unmount(args) -> int:
 
 # -- status and evict ------------------------------------------------------------------------
 
-def _display(parts) -> str:
-    from modelfs.fetcher.names import ModelName
-    return ModelName(*parts).short()
-
-
 def cmd_status(args) -> int:
     from .statusview import render, report, watch
 

@@ -519,6 +519,33 @@ async def _assert_served_and_sealed(blob, cache, data, chunks, i):
     assert cache.store.blob_path(d(data)).read_bytes() == data
 
 
+def _seal_and_refetch(blob, source, i, expect: bytes | None = None):
+    """The two sides of a race against a seal's check of landed chunks: `seal` must fail with
+    LandedChunksBad (the chunks it blamed go to `outcome["blamed"]`); `reader` fetches chunk
+    `i` again through the one fetch path (its bytes must be `expect`, when given), records it
+    and sets `refetched`."""
+    from modelfs.cache.errors import LandedChunksBad
+    from modelfs.fetcher.fetch import fetch_chunk
+    from modelfs.fetcher.retry import RetryPolicy
+
+    outcome, refetched = {}, trio.Event()
+
+    async def seal():
+        with pytest.raises(LandedChunksBad) as exc:
+            await blob.seal()
+        outcome["blamed"] = exc.value.indexes
+
+    async def reader():
+        buf = await fetch_chunk(source, blob, i, RetryPolicy(attempts=1))
+        if expect is not None:
+            assert bytes(buf.view) == expect
+        blob.release_buffer(buf)
+        await blob.commit_chunk(i)
+        refetched.set()
+
+    return seal, reader, outcome, refetched
+
+
 # Landed chunks corrupted on purpose; dropping them gives their bytes back without telling the
 # budget (LandedChecks.drop), which counts them until its next recount.
 @pytest.mark.invariants(budget_exact=False)
@@ -531,9 +558,6 @@ async def test_a_chunk_a_reader_drops_and_fetches_again_during_the_check_is_not_
     them (they would be served as zeros, and the blob would never seal), and it must still
     blame that chunk (LandedChunksBad), not the chunk list. The interleaving is forced: the
     check waits at chunks 0 and bad+1, the registry answers when told."""
-    from modelfs.cache.errors import LandedChunksBad
-    from modelfs.fetcher.fetch import fetch_chunk
-    from modelfs.fetcher.retry import RetryPolicy
 
     data = os.urandom(16 * 4096)
     chunks, bad = chunks_of(data, 4096), 10
@@ -542,19 +566,8 @@ async def test_a_chunk_a_reader_drops_and_fetches_again_during_the_check_is_not_
         blob = await _open_landed(cache, data, chunks, [bad])
         entered, go = _gate_checks(monkeypatch, blob, {0, bad + 1})
         registry = _Source(data)
-        outcome, refetched = {}, trio.Event()
-
-        async def seal():
-            with pytest.raises(LandedChunksBad) as exc:
-                await blob.seal()
-            outcome["blamed"] = exc.value.indexes
-
-        async def reader():
-            buf = await fetch_chunk(registry, blob, bad, RetryPolicy(attempts=1))
-            assert bytes(buf.view) == data[chunks[bad].start:chunks[bad].end]
-            blob.release_buffer(buf)
-            await blob.commit_chunk(bad)
-            refetched.set()
+        seal, reader, outcome, refetched = _seal_and_refetch(
+            blob, registry, bad, data[chunks[bad].start:chunks[bad].end])
 
         with trio.fail_after(20):
             async with trio.open_nursery() as nursery:
@@ -591,9 +604,6 @@ async def test_a_chunk_fetched_again_while_the_check_punches_holes_keeps_its_byt
     file's write lock, so the write comes after them. (The reader is let go on once its write
     is done, or waits for the write lock.)"""
     from modelfs.cache import writeback
-    from modelfs.cache.errors import LandedChunksBad
-    from modelfs.fetcher.fetch import fetch_chunk
-    from modelfs.fetcher.retry import RetryPolicy
 
     data = os.urandom(16 * 4096)
     chunks, first, second = chunks_of(data, 4096), 5, 10
@@ -612,18 +622,7 @@ async def test_a_chunk_fetched_again_while_the_check_punches_holes_keeps_its_byt
         monkeypatch.setattr(writeback, "punch_hole", punch_hole)
         registry = _Source(data)
         registry.answer.set()
-        outcome, refetched = {}, trio.Event()
-
-        async def seal():
-            with pytest.raises(LandedChunksBad) as exc:
-                await blob.seal()
-            outcome["blamed"] = exc.value.indexes
-
-        async def reader():
-            buf = await fetch_chunk(registry, blob, second, RetryPolicy(attempts=1))
-            blob.release_buffer(buf)
-            await blob.commit_chunk(second)
-            refetched.set()
+        seal, reader, outcome, refetched = _seal_and_refetch(blob, registry, second)
 
         try:
             with trio.fail_after(20):
